@@ -1,0 +1,242 @@
+"""SASL mechanisms for POP3 ``AUTH`` (RFC 5034), as pure objects.
+
+A mechanism turns server challenges into client responses; the driver does the base64
+and the I/O. ``initial()`` gives the optional initial response (sent on the AUTH line
+itself, RFC 4954 style, when it fits in 255 octets), ``step(challenge)`` answers each
+``+`` continuation. No sockets, no clock; the SCRAM nonce may be injected for tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from typing import Protocol
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "MECHANISMS",
+    "SASL_PREFERENCE",
+    "CramMd5",
+    "Login",
+    "Mechanism",
+    "OAuthBearer",
+    "Plain",
+    "ScramSha256",
+    "XOAuth2",
+    "apop_digest",
+    "make_mechanism",
+]
+
+
+class Mechanism(Protocol):
+    """One SASL exchange; a fresh object per attempt."""
+
+    name: str
+
+    def initial(self) -> bytes | None:
+        """The initial response, or None if the mechanism starts with a server challenge."""
+        ...
+
+    def step(self, challenge: bytes) -> bytes:
+        """Answer one decoded server challenge with the raw (not yet base64) response."""
+        ...
+
+
+def _utf8(value: str) -> bytes:
+    return value.encode("utf-8")
+
+
+def apop_digest(timestamp: bytes, secret: str) -> bytes:
+    """The APOP digest of RFC 1939: hex MD5 of the greeting's timestamp and the secret."""
+    digest = hashlib.md5(timestamp + _utf8(secret), usedforsecurity=False)
+    return digest.hexdigest().encode("ascii")
+
+
+class Plain:
+    """PLAIN (RFC 4616): authzid NUL authcid NUL password, all in one response."""
+
+    name = "PLAIN"
+
+    def __init__(self, user: str, secret: str, authzid: str = "") -> None:
+        self._message = b"\0".join((_utf8(authzid), _utf8(user), _utf8(secret)))
+
+    def initial(self) -> bytes | None:
+        return self._message
+
+    def step(self, challenge: bytes) -> bytes:
+        # Servers that ignore the initial response send an empty challenge.
+        return self._message
+
+
+class Login:
+    """LOGIN (draft-murchison-sasl-login): the user name, then the password."""
+
+    name = "LOGIN"
+
+    def __init__(self, user: str, secret: str) -> None:
+        self._answers = [_utf8(user), _utf8(secret)]
+
+    def initial(self) -> bytes | None:
+        return None
+
+    def step(self, challenge: bytes) -> bytes:
+        if not self._answers:
+            raise RemoteProtocolError("server sent more LOGIN challenges than user and password")
+        return self._answers.pop(0)
+
+
+class CramMd5:
+    """CRAM-MD5 (RFC 2195): the user name and the HMAC-MD5 of the challenge."""
+
+    name = "CRAM-MD5"
+
+    def __init__(self, user: str, secret: str) -> None:
+        self._user = _utf8(user)
+        self._secret = _utf8(secret)
+
+    def initial(self) -> bytes | None:
+        return None
+
+    def step(self, challenge: bytes) -> bytes:
+        digest = hmac.new(self._secret, challenge, hashlib.md5).hexdigest()
+        return self._user + b" " + digest.encode("ascii")
+
+
+class XOAuth2:
+    """XOAUTH2 (Google, Microsoft): a bearer token.
+
+    ``two_step`` sends ``AUTH XOAUTH2`` alone and the token after the empty ``+``
+    challenge, as Office 365's POP3 requires. When the token is refused the server
+    sends a JSON error as a challenge; the client must answer with an empty line
+    to get the final ``-ERR``.
+    """
+
+    name = "XOAUTH2"
+
+    def __init__(self, user: str, token: str, *, two_step: bool = False) -> None:
+        self._message = b"user=" + _utf8(user) + b"\x01auth=Bearer " + _utf8(token) + b"\x01\x01"
+        self._two_step = two_step
+        self._sent = not two_step
+
+    def initial(self) -> bytes | None:
+        return None if self._two_step else self._message
+
+    def step(self, challenge: bytes) -> bytes:
+        if not self._sent:
+            self._sent = True
+            return self._message
+        return b""  # the challenge was the error report
+
+
+class OAuthBearer:
+    """OAUTHBEARER (RFC 7628), with the GS2 header naming the user."""
+
+    name = "OAUTHBEARER"
+
+    def __init__(self, user: str, token: str, host: str = "", port: int | None = None) -> None:
+        fields = [b"n,a=" + _scram_name(user) + b","]
+        if host:
+            fields.append(b"host=" + _utf8(host))
+        if port is not None:
+            fields.append(b"port=" + str(port).encode("ascii"))
+        fields.append(b"auth=Bearer " + _utf8(token))
+        self._message = b"\x01".join(fields) + b"\x01\x01"
+
+    def initial(self) -> bytes | None:
+        return self._message
+
+    def step(self, challenge: bytes) -> bytes:
+        # RFC 7628 3.2.3: after an error challenge the client sends a lone %x01.
+        return b"\x01"
+
+
+def _scram_name(user: str) -> bytes:
+    return _utf8(user).replace(b"=", b"=3D").replace(b",", b"=2C")
+
+
+class ScramSha256:
+    """SCRAM-SHA-256 (RFC 5802, RFC 7677) without channel binding; verifies the server."""
+
+    name = "SCRAM-SHA-256"
+
+    def __init__(self, user: str, secret: str, *, nonce: str | None = None) -> None:
+        self._secret = _utf8(secret)
+        self._nonce = nonce or base64.b64encode(secrets.token_bytes(18)).decode("ascii")
+        self._first_bare = b"n=" + _scram_name(user) + b",r=" + self._nonce.encode("ascii")
+        self._server_signature: bytes | None = None
+        self._done = False
+
+    def initial(self) -> bytes | None:
+        return b"n,," + self._first_bare
+
+    def step(self, challenge: bytes) -> bytes:
+        if self._server_signature is None:
+            return self._client_final(challenge)
+        if self._done:
+            raise RemoteProtocolError("SCRAM: unexpected extra challenge")
+        self._done = True
+        fields = _scram_fields(challenge)
+        if "e" in fields:
+            raise RemoteProtocolError(f"SCRAM: server reports error {fields['e']!r}")
+        signature = base64.b64decode(fields.get("v", ""))
+        if not hmac.compare_digest(signature, self._server_signature):
+            raise RemoteProtocolError("SCRAM: server signature does not match")
+        return b""
+
+    def _client_final(self, server_first: bytes) -> bytes:
+        fields = _scram_fields(server_first)
+        try:
+            nonce, salt = fields["r"], base64.b64decode(fields["s"])
+            iterations = int(fields["i"])
+        except (KeyError, ValueError) as exc:
+            raise RemoteProtocolError(f"SCRAM: malformed server-first message: {exc}") from None
+        if not nonce.startswith(self._nonce) or iterations < 1:
+            raise RemoteProtocolError("SCRAM: server nonce or iteration count is invalid")
+        salted = hashlib.pbkdf2_hmac("sha256", self._secret, salt, iterations)
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        stored_key = hashlib.sha256(client_key).digest()
+        without_proof = b"c=biws,r=" + nonce.encode("ascii")
+        auth_message = self._first_bare + b"," + server_first + b"," + without_proof
+        signature = hmac.digest(stored_key, auth_message, "sha256")
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        server_key = hmac.digest(salted, b"Server Key", "sha256")
+        self._server_signature = hmac.digest(server_key, auth_message, "sha256")
+        return without_proof + b",p=" + base64.b64encode(proof)
+
+
+def _scram_fields(message: bytes) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for part in message.decode("utf-8", "replace").split(","):
+        key, sep, value = part.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+#: Mechanism names popsync can speak, strongest first (what ``auth = "auto"`` tries).
+SASL_PREFERENCE = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN")
+
+MECHANISMS = frozenset({*SASL_PREFERENCE, "XOAUTH2", "OAUTHBEARER"})
+
+
+def make_mechanism(name: str, user: str, secret: str, **options: object) -> Mechanism:
+    """Build the mechanism called ``name`` (case-insensitive) for one attempt."""
+    key = name.upper()
+    if key == "PLAIN":
+        return Plain(user, secret)
+    if key == "LOGIN":
+        return Login(user, secret)
+    if key == "CRAM-MD5":
+        return CramMd5(user, secret)
+    if key == "SCRAM-SHA-256":
+        return ScramSha256(user, secret)
+    if key == "XOAUTH2":
+        return XOAuth2(user, secret, two_step=bool(options.get("two_step", False)))
+    if key == "OAUTHBEARER":
+        host = options.get("host", "")
+        port = options.get("port")
+        return OAuthBearer(user, secret, str(host), port if isinstance(port, int) else None)
+    raise LocalProtocolError(f"unsupported SASL mechanism {name!r}")
