@@ -1,0 +1,566 @@
+"""popsync's configuration: a TOML file validated into frozen pydantic models.
+
+`parse_config` reports every problem in one `ConfigError`, one line each, prefixed with the key's
+dotted path (`accounts.work.port: ...`), so a user fixes the whole file in one go. Secrets are
+`SecretStr` and never appear in a repr, str, JSON dump or error message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shlex
+import stat
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from popsync.errors import ConfigError
+from popsync.units import format_duration, parse_duration, parse_size
+
+__all__ = [
+    "SECRET_KEYS",
+    "Account",
+    "AuthMechanism",
+    "Config",
+    "DeletePolicy",
+    "LogFormat",
+    "LogLevel",
+    "Pipelining",
+    "TlsMode",
+    "default_state_dir",
+    "load_config",
+    "parse_config",
+]
+
+TlsMode = Literal["implicit", "starttls", "none"]
+AuthMechanism = Literal[
+    "auto",
+    "user",
+    "apop",
+    "rpop",
+    "plain",
+    "login",
+    "cram-md5",
+    "scram-sha-256",
+    "xoauth2",
+    "oauthbearer",
+]
+DeletePolicy = Literal["never", "after_delivery", "after_days"]
+Pipelining = Literal["auto", "on", "off"]
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+#: Exactly one of these supplies an account's password or token.
+SECRET_KEYS = ("password", "password_file", "password_command", "password_env")
+
+MIN_INTERVAL = 10.0
+DEFAULT_PORTS: Mapping[str, int] = {"implicit": 995, "starttls": 110, "none": 110}
+# Mechanisms that hand the server a reusable credential: over tls = "none" anyone on the path
+# could replay it, so they are refused there even with allow_plaintext.
+CLEARTEXT_AUTH = frozenset({"user", "rpop", "plain", "login", "xoauth2", "oauthbearer"})
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TOML_POSITION_RE = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
+_CHECKS_ERROR = "popsync_checks"
+_TOP_LEVEL_KEYS = ("state_dir", "max_workers", "log_format", "log_level", "defaults", "accounts")
+
+
+def _expand_path(value: object) -> Path:
+    """Expand ~ in a path string; keep relative paths relative."""
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty path string")
+    if "\0" in value:
+        raise ValueError("path contains a NUL character")
+    return Path(os.path.expanduser(value))
+
+
+def _absolute_path(value: object) -> Path:
+    """Expand ~ and insist on an absolute path: a daemon's working directory is arbitrary."""
+    path = _expand_path(value)
+    if not path.is_absolute():
+        raise ValueError(f"must be an absolute path or start with ~ (got {str(path)!r})")
+    return path
+
+
+def _on_off(value: object) -> object:
+    """`pipelining = true/false` reads naturally in TOML; map it to "on"/"off"."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+def _log_level(value: object) -> object:
+    """Accept "INFO" as well as "info", but show a wrong value as the user wrote it."""
+    if isinstance(value, str) and value.lower() in get_args(LogLevel):
+        return value.lower()
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+AbsolutePath = Annotated[Path, BeforeValidator(_absolute_path)]
+SecretPath = Annotated[Path, BeforeValidator(_expand_path)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+_MODEL_CONFIG = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+def _checks_failed(problems: list[tuple[str, str]]) -> PydanticCustomError:
+    """One pydantic error carrying several (key, message) problems; parse_config splits them."""
+    summary = "; ".join(f"{key}: {message}" if key else message for key, message in problems)
+    return PydanticCustomError(
+        _CHECKS_ERROR, "{summary}", {"summary": summary, "problems": tuple(problems)}
+    )
+
+
+class Account(BaseModel):
+    """One POP3 account, with every default applied."""
+
+    model_config = _MODEL_CONFIG
+
+    name: Annotated[str, Field(pattern=_NAME_RE.pattern)]
+    host: NonEmptyStr
+    port: Annotated[int, Field(ge=1, le=65535)]
+    tls: TlsMode = "implicit"
+    allow_plaintext: bool = False
+    tls_ca_file: AbsolutePath | None = None
+    tls_verify: bool = True
+    username: NonEmptyStr
+    password: SecretStr | None = None
+    password_file: SecretPath | None = None
+    password_command: str | None = None
+    password_env: str | None = None
+    auth: AuthMechanism = "auto"
+    maildir: AbsolutePath
+    delete: DeletePolicy = "never"
+    delete_after_days: Annotated[int, Field(ge=1)] | None = None
+    max_message_size: Annotated[Size, Field(ge=0)] = 100_000_000
+    interval: Duration = 300.0
+    timeout: Duration = 60.0
+    utf8: bool = True
+    pipelining: Annotated[Pipelining, BeforeValidator(_on_off)] = "auto"
+    allow_uidl_reset: bool = False
+    enabled: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_port(cls, data: Any) -> Any:
+        """Fill `port` from `tls`: 995 for implicit TLS, 110 for STARTTLS and plain."""
+        if isinstance(data, Mapping) and "port" not in data:
+            tls = data.get("tls", "implicit")
+            return {**data, "port": DEFAULT_PORTS.get(tls, 995) if isinstance(tls, str) else 995}
+        return data
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        if any(ch.isspace() or ch in "/@" for ch in value):
+            raise ValueError(f"not a host name (got {value!r})")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _check_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("password_command")
+    @classmethod
+    def _check_command(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split into arguments: {exc}") from None
+        if not argv:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("password_env")
+    @classmethod
+    def _check_env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME_RE.fullmatch(value):
+            raise ValueError(f"not an environment variable name (got {value!r})")
+        return value
+
+    @field_validator("interval")
+    @classmethod
+    def _check_interval(cls, value: float) -> float:
+        if value < MIN_INTERVAL:
+            raise ValueError(
+                f"must be at least {format_duration(MIN_INTERVAL)} (got {format_duration(value)})"
+            )
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _check_timeout(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError(f"must be at least 1s (got {format_duration(value)})")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Self:
+        problems = _account_problems(self)
+        if problems:
+            raise _checks_failed(problems)
+        return self
+
+    @property
+    def secret_source(self) -> str:
+        """Which key supplies the secret, e.g. "password_file"; never the secret itself."""
+        return next((key for key in SECRET_KEYS if getattr(self, key) is not None), "")
+
+
+def _account_problems(account: Account) -> list[tuple[str, str]]:
+    """Rules that involve more than one key of an account."""
+    problems: list[tuple[str, str]] = []
+    sources = [key for key in SECRET_KEYS if getattr(account, key) is not None]
+    if not sources:
+        problems.append(("", f"set one of {', '.join(SECRET_KEYS)}"))
+    problems += [
+        (extra, f"conflicts with {sources[0]}: set only one of them") for extra in sources[1:]
+    ]
+    if account.tls == "none" and not account.allow_plaintext:
+        problems.append(
+            ("tls", '"none" sends everything unencrypted; set allow_plaintext = true to allow it')
+        )
+    if account.tls == "none" and account.auth in CLEARTEXT_AUTH:
+        problems.append(
+            (
+                "auth",
+                f'"{account.auth}" would reveal the password over tls = "none"; use tls = '
+                '"implicit" or "starttls", or auth = "apop", "cram-md5" or "scram-sha-256"',
+            )
+        )
+    if account.delete == "after_days" and account.delete_after_days is None:
+        problems.append(("delete_after_days", 'required with delete = "after_days"'))
+    if account.delete != "after_days" and account.delete_after_days is not None:
+        problems.append(
+            (
+                "delete_after_days",
+                f'only allowed with delete = "after_days" (delete is "{account.delete}")',
+            )
+        )
+    return problems
+
+
+def default_state_dir(env: Mapping[str, str] | None = None, euid: int | None = None) -> Path:
+    """$STATE_DIRECTORY (systemd), else /var/lib/popsync for root, else the XDG state dir."""
+    env = os.environ if env is None else env
+    systemd = env.get("STATE_DIRECTORY", "")
+    if systemd:
+        # systemd passes a colon-separated list when several StateDirectory= are configured.
+        return Path(systemd.split(":")[0])
+    if (os.geteuid() if euid is None else euid) == 0:
+        return Path("/var/lib/popsync")
+    xdg = env.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "popsync"
+    home = env.get("HOME") or os.path.expanduser("~")
+    return Path(home) / ".local" / "state" / "popsync"
+
+
+class _Settings(BaseModel):
+    """The top-level keys other than [defaults] and [accounts]."""
+
+    model_config = _MODEL_CONFIG
+
+    state_dir: AbsolutePath = Field(default_factory=default_state_dir)
+    max_workers: Annotated[int, Field(ge=1, le=256)] = 4
+    log_format: LogFormat = "auto"
+    log_level: Annotated[LogLevel, BeforeValidator(_log_level)] = "info"
+
+
+class Config(_Settings):
+    """The whole validated configuration."""
+
+    accounts: dict[str, Account]
+    #: Non-fatal findings (unsafe file mode, disabled certificate checks); the caller logs them.
+    warnings: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Self:
+        problems = _no_accounts(self.accounts) + _shared_maildirs(self.accounts)
+        if problems:
+            raise _checks_failed(problems)
+        return self
+
+
+def _no_accounts(accounts: Mapping[str, object]) -> list[tuple[str, str]]:
+    if accounts:
+        return []
+    return [("accounts", "no accounts configured; add at least one [accounts.NAME] table")]
+
+
+def _shared_maildirs(accounts: Mapping[str, Account]) -> list[tuple[str, str]]:
+    """No two accounts may fill one Maildir from one mailbox: each would deliver every message."""
+    problems: list[tuple[str, str]] = []
+    first: dict[tuple[str, str, Path], str] = {}
+    for name, account in accounts.items():
+        key = (account.host.lower(), account.username, account.maildir)
+        if key in first:
+            problems.append(
+                (
+                    _path(["accounts", name]),
+                    f"same host, username and maildir as {_path(['accounts', first[key]])}: "
+                    "both would download the same messages",
+                )
+            )
+        else:
+            first[key] = name
+    return problems
+
+
+def _config_warnings(accounts: Mapping[str, Account]) -> list[str]:
+    return [
+        f"{_path(['accounts', name, 'tls_verify'])}: certificate verification is disabled; "
+        "anyone on the network path can impersonate the server and read the password"
+        for name, account in accounts.items()
+        if account.tls_verify is False and account.tls != "none"
+    ]
+
+
+# --- turning pydantic errors into one line per problem -------------------------------------
+
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _path(parts: Iterable[str | int]) -> str:
+    """Dotted TOML-style path; keys that are not bare TOML keys are quoted."""
+    return ".".join(
+        str(part) if isinstance(part, int) or _BARE_KEY_RE.fullmatch(part) else f'"{part}"'
+        for part in parts
+    )
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_key(loc: Sequence[str | int], known: Iterable[str]) -> str:
+    return f"{_path(loc)}: unknown key{_suggest(str(loc[-1]), known)}"
+
+
+def _format_error(
+    loc: Sequence[str | int], detail: ErrorDetails, known: Iterable[str]
+) -> list[str]:
+    """One line per problem in a pydantic error; the input is shown unless it may be secret."""
+    kind = detail["type"]
+    ctx = detail.get("ctx") or {}
+    if kind == _CHECKS_ERROR:
+        return [
+            f"{_path([*loc, key] if key else loc)}: {message}" for key, message in ctx["problems"]
+        ]
+    where = _path(loc)
+    if kind == "missing":
+        return [f"{where}: missing required key"]
+    if kind == "extra_forbidden":
+        return [_unknown_key(loc, known)]
+    message = detail["msg"]
+    if kind == "value_error":
+        # Our validators quote the input themselves where it is safe to.
+        return [f"{where}: {message.removeprefix('Value error, ')}"]
+    shown = detail.get("input")
+    if any(part in SECRET_KEYS for part in loc) or isinstance(shown, dict | list):
+        return [f"{where}: {message}"]
+    return [f"{where}: {message} (got {_show(shown)})"]
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = _TOML_POSITION_RE.match(str(exc))
+        if match:
+            position = f"{source}:{match['line']}:{match['col']}"
+            raise ConfigError([f"{position}: invalid TOML: {match['msg']}"]) from None
+        raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
+
+
+def _table(data: Mapping[str, Any], key: str, problems: list[str]) -> dict[str, Any]:
+    value = data.get(key, {})
+    if isinstance(value, dict):
+        return value
+    problems.append(f"{key}: must be a table ([{key}]), got {type(value).__name__}")
+    return {}
+
+
+def _account_keys() -> list[str]:
+    return [key for key in Account.model_fields if key != "name"]
+
+
+def _check_keys(
+    prefix: Sequence[str], table: Mapping[str, Any], problems: list[str]
+) -> dict[str, Any]:
+    """Report unknown keys and `name` (it comes from the table key); return the rest."""
+    known = _account_keys()
+    kept: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "name":
+            problems.append(
+                f"{_path([*prefix, key])}: not allowed; the account name is the table's key"
+            )
+        elif key not in known:
+            problems.append(_unknown_key([*prefix, key], known))
+        else:
+            kept[key] = value
+    return kept
+
+
+def _merge(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply [defaults] under an account's own keys."""
+    inherited = dict(defaults)
+    if any(key in own for key in SECRET_KEYS):
+        # An account choosing its own secret source replaces the default one, not adds to it.
+        for key in SECRET_KEYS:
+            inherited.pop(key, None)
+    merged = {**inherited, **own}
+    if merged.get("delete") != "after_days" and "delete_after_days" not in own:
+        merged.pop("delete_after_days", None)
+    return merged
+
+
+def _account_errors(
+    name: str, merged: Mapping[str, Any]
+) -> tuple[Account | None, list[ErrorDetails]]:
+    try:
+        return Account.model_validate({**merged, "name": name}), []
+    except ValidationError as exc:
+        return None, exc.errors(include_url=False)
+
+
+def _validate_account(
+    name: str, own: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> tuple[Account | None, list[str], list[str]]:
+    """Validate one account: (account or None, problems in [defaults], problems of its own).
+
+    A bad inherited value is reported once under `defaults.` and then left out, so that the
+    account's own keys and cross-key rules are still checked in the same run.
+    """
+    merged = _merge(defaults, own)
+    account, errors = _account_errors(name, merged)
+    inherited = {key for key in merged if key not in own}
+    bad = [e for e in errors if e["loc"] and e["loc"][0] in inherited]
+    default_lines = [
+        line for e in bad for line in _format_error(["defaults", *e["loc"]], e, _account_keys())
+    ]
+    if bad:
+        skip = {e["loc"][0] for e in bad}
+        account, errors = _account_errors(
+            name, {key: value for key, value in merged.items() if key not in skip}
+        )
+    own_lines = [
+        line
+        for e in errors
+        for line in _format_error(["accounts", name, *e["loc"]], e, _account_keys())
+    ]
+    return account, default_lines, own_lines
+
+
+def _validate_settings(data: Mapping[str, Any], problems: list[str]) -> _Settings | None:
+    values = {key: data[key] for key in _Settings.model_fields if key in data}
+    try:
+        return _Settings.model_validate(values)
+    except ValidationError as exc:
+        problems.extend(
+            line
+            for e in exc.errors(include_url=False)
+            for line in _format_error(list(e["loc"]), e, _TOP_LEVEL_KEYS)
+        )
+        return None
+
+
+def _validate_accounts(
+    tables: Mapping[str, Any], defaults: Mapping[str, Any], problems: list[str]
+) -> dict[str, Account]:
+    """Validate every account table, appending problems in file order (defaults first)."""
+    accounts: dict[str, Account] = {}
+    default_lines: list[str] = []
+    own_lines: list[str] = []
+    for name, table in tables.items():
+        where = _path(["accounts", name])
+        if not isinstance(table, dict):
+            own_lines.append(f"{where}: must be a table ([{where}])")
+            continue
+        if not _NAME_RE.fullmatch(name) or set(name) == {"."}:
+            own_lines.append(
+                f"{where}: invalid account name; use 1-64 letters, digits, '_', '.' or '-'"
+            )
+            continue
+        own = _check_keys(["accounts", name], table, own_lines)
+        account, from_defaults, from_account = _validate_account(name, own, defaults)
+        default_lines += [line for line in from_defaults if line not in default_lines]
+        own_lines += from_account
+        if account is not None:
+            accounts[name] = account
+    problems += default_lines + own_lines
+    return accounts
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Validate TOML text into a `Config`; raise `ConfigError` listing every problem found."""
+    data = _parse_toml(text, source)
+    problems = [_unknown_key([key], _TOP_LEVEL_KEYS) for key in data if key not in _TOP_LEVEL_KEYS]
+    settings = _validate_settings(data, problems)
+    defaults = _check_keys(["defaults"], _table(data, "defaults", problems), problems)
+    tables = _table(data, "accounts", problems)
+    accounts = _validate_accounts(tables, defaults, problems)
+    checks = _no_accounts(tables) + _shared_maildirs(accounts)
+    problems += [f"{where}: {message}" for where, message in checks]
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return Config(**dict(settings), accounts=accounts, warnings=tuple(_config_warnings(accounts)))
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; warn in `Config.warnings` if it exposes a password."""
+    try:
+        raw = path.read_bytes()
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not valid UTF-8 (byte {exc.start})"]) from None
+    config = parse_config(text, str(path))
+    inline = [name for name, account in config.accounts.items() if account.password is not None]
+    if inline and mode & (stat.S_IRGRP | stat.S_IROTH):
+        warning = (
+            f"{path}: readable by group or others (mode {stat.S_IMODE(mode):04o}) but holds an "
+            f"inline password (accounts: {', '.join(inline)}); run chmod 600 {path} or use "
+            "password_file"
+        )
+        config = config.model_copy(update={"warnings": (warning, *config.warnings)})
+    return config
