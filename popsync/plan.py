@@ -1,0 +1,196 @@
+"""The pure sync planner: what to fetch, what to DELE and what to forget.
+
+`plan_sync(listing, seen, policy, now)` looks at one *complete* server listing and the account's
+seen-store entries and returns a `Plan`. It does no I/O and reads no clock (`now` is a
+parameter), so every rule here is tested with hypothesis properties.
+
+Invariants (the product's promises, in order of importance):
+- Only entries with ``state == "delivered"`` are ever DELEd; a pending entry is neither fetched
+  nor deleted (the engine recovers pending rows *before* planning, so one left here is unsafe).
+- A delivered UIDL is never fetched again; a UIDL is fetched at most once per plan.
+- A UIDL listed more than once (a broken server) is fetched once, from its lowest message
+  number, and never DELEd: we cannot tell which copy the server would remove.
+- A UIDL reset (the server renumbered every message) is detected and, unless the account allows
+  it, stops the run from fetching, deleting or forgetting anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+__all__ = [
+    "RESET_MIN_DELIVERED",
+    "RESET_MISSING_RATIO",
+    "RESET_UNKNOWN_RATIO",
+    "DeletePolicy",
+    "EntryLike",
+    "ListingItem",
+    "Plan",
+    "Policy",
+    "plan_sync",
+]
+
+DeletePolicy = Literal["never", "after_delivery", "after_days"]
+ListingItem = tuple[int, bytes, int | None]
+
+#: Reset detection only trusts statistics over at least this many delivered entries.
+RESET_MIN_DELIVERED = 50
+#: Fraction of delivered UIDLs missing from the listing that suggests a reset.
+RESET_MISSING_RATIO = 0.9
+#: Fraction of listed UIDLs that must be unknown (a mailbox full of "new" mail) for a reset.
+RESET_UNKNOWN_RATIO = 0.5
+
+_DAY = 86400.0
+_MAX_NAMED = 5  # UIDLs named in one warning before "..." takes over
+
+
+class EntryLike(Protocol):
+    """What the planner reads from a seen-store entry (`popsync.seen.SeenEntry` fits)."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def delivered_at(self) -> float | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Per-account rules; "never" is the keep-everything-on-the-server policy."""
+
+    delete: DeletePolicy = "never"
+    delete_after_days: int | None = None
+    max_message_size: int | None = None
+    allow_uidl_reset: bool = False
+
+    def __post_init__(self) -> None:
+        if self.delete not in ("never", "after_delivery", "after_days"):
+            raise ValueError(f"unknown delete policy {self.delete!r}")
+        if self.delete == "after_days" and (
+            self.delete_after_days is None or self.delete_after_days < 0
+        ):
+            raise ValueError("delete='after_days' needs delete_after_days >= 0")
+        if self.max_message_size is not None and self.max_message_size <= 0:
+            raise ValueError("max_message_size must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The planner's answer; every tuple is in ascending message-number order."""
+
+    fetch: tuple[ListingItem, ...] = ()
+    delete: tuple[tuple[int, bytes], ...] = ()
+    forget: tuple[bytes, ...] = ()
+    too_large: tuple[tuple[int, bytes, int], ...] = ()
+    duplicates: tuple[bytes, ...] = ()
+    reset_suspected: bool = False
+    warnings: tuple[str, ...] = ()
+
+
+def _show(uidls: Sequence[bytes]) -> str:
+    """Name a few UIDLs for a warning without flooding the log."""
+    shown = ", ".join(repr(u) for u in uidls[:_MAX_NAMED])
+    return shown + (", ..." if len(uidls) > _MAX_NAMED else "")
+
+
+def _first_and_duplicates(
+    listing: Sequence[ListingItem],
+) -> tuple[list[ListingItem], list[bytes]]:
+    """Keep the first (lowest message number) item per UIDL; list repeated UIDLs once each."""
+    first: dict[bytes, ListingItem] = {}
+    duplicates: dict[bytes, None] = {}
+    for item in sorted(listing, key=lambda it: it[0]):
+        if item[1] in first:
+            duplicates[item[1]] = None
+        else:
+            first[item[1]] = item
+    return list(first.values()), list(duplicates)
+
+
+def _reset_suspected(listed: set[bytes], seen: Mapping[bytes, EntryLike]) -> bool:
+    """True when most delivered UIDLs vanished and most listed UIDLs are new to us."""
+    delivered = [u for u, e in seen.items() if e.state == "delivered"]
+    if len(delivered) < RESET_MIN_DELIVERED or not listed:
+        return False
+    missing = sum(1 for u in delivered if u not in listed)
+    unknown = sum(1 for u in listed if u not in seen)
+    return missing >= RESET_MISSING_RATIO * len(delivered) and unknown > RESET_UNKNOWN_RATIO * len(
+        listed
+    )
+
+
+def _may_delete(entry: EntryLike, policy: Policy, now: float) -> bool:
+    """The delete policy for one delivered entry."""
+    if entry.state != "delivered" or policy.delete == "never":
+        return False
+    if policy.delete == "after_delivery":
+        return True
+    days = policy.delete_after_days
+    # A delivered row without a timestamp (should not happen) is kept: deleting is irreversible.
+    return (
+        days is not None
+        and entry.delivered_at is not None
+        and (now - entry.delivered_at >= days * _DAY)
+    )
+
+
+def plan_sync(
+    listing: Sequence[ListingItem],
+    seen: Mapping[bytes, EntryLike],
+    policy: Policy,
+    now: float,
+) -> Plan:
+    """Plan one run from a complete listing of (message number, UIDL, size or None)."""
+    unique, duplicates = _first_and_duplicates(listing)
+    dup_set = set(duplicates)
+    listed = {uidl for _, uidl, _ in unique}
+    warnings: list[str] = []
+    if duplicates:
+        warnings.append(
+            f"server listed {len(duplicates)} UIDL(s) more than once ({_show(duplicates)});"
+            " fetching each once and never deleting them"
+        )
+
+    reset = _reset_suspected(listed, seen)
+    if reset and not policy.allow_uidl_reset:
+        warnings.append(
+            "UIDL reset suspected: most delivered UIDLs vanished and most listed ones are new;"
+            " fetching, deleting and forgetting nothing (set allow_uidl_reset to accept it)"
+        )
+        return Plan(duplicates=tuple(duplicates), reset_suspected=True, warnings=tuple(warnings))
+    if reset:
+        warnings.append("UIDL reset suspected and allowed: listed messages are fetched again")
+
+    fetch: list[ListingItem] = []
+    too_large: list[tuple[int, bytes, int]] = []
+    delete: list[tuple[int, bytes]] = []
+    limit = policy.max_message_size
+    for msgnum, uidl, size in unique:
+        entry = seen.get(uidl)
+        if entry is None:
+            # Unknown size: fetch anyway; the client's max_size guard stops an oversized RETR.
+            if limit is not None and size is not None and size > limit:
+                too_large.append((msgnum, uidl, size))
+            else:
+                fetch.append((msgnum, uidl, size))
+        elif uidl not in dup_set and _may_delete(entry, policy, now):
+            delete.append((msgnum, uidl))
+        # Any other known entry (pending, or delivered and kept) is left alone.
+
+    if too_large:
+        warnings.append(
+            f"{len(too_large)} message(s) larger than max_message_size={limit} left on the"
+            f" server: {_show([u for _, u, _ in too_large])}"
+        )
+    forget = tuple(u for u in seen if u not in listed)
+    return Plan(
+        fetch=tuple(fetch),
+        delete=tuple(delete),
+        forget=forget,
+        too_large=tuple(too_large),
+        duplicates=tuple(duplicates),
+        reset_suspected=reset,
+        warnings=tuple(warnings),
+    )
