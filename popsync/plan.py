@@ -116,9 +116,8 @@ def _reset_suspected(listed: set[bytes], seen: Mapping[bytes, EntryLike]) -> boo
         return False
     missing = sum(1 for u in delivered if u not in listed)
     unknown = sum(1 for u in listed if u not in seen)
-    return missing >= RESET_MISSING_RATIO * len(delivered) and unknown > RESET_UNKNOWN_RATIO * len(
-        listed
-    )
+    mostly_missing = missing >= RESET_MISSING_RATIO * len(delivered)
+    return mostly_missing and unknown > RESET_UNKNOWN_RATIO * len(listed)
 
 
 def _may_delete(entry: EntryLike, policy: Policy, now: float) -> bool:
