@@ -1,0 +1,156 @@
+"""Fetch an account's password or token at job time, from wherever the config says it lives.
+
+Secrets are read per run (not at start-up) so that rotated files and short-lived OAuth tokens
+work. Every error names the account and the source; none ever contains the secret, and a failing
+`password_command` reports its stderr but never its stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import stat
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from popsync.config import Account
+from popsync.errors import SecretError
+
+__all__ = ["COMMAND_TIMEOUT", "MAX_SECRET_BYTES", "resolve_secret"]
+
+#: Seconds a password_command may run before it is killed.
+COMMAND_TIMEOUT = 30.0
+#: Larger secret files are refused: a token is a few kB, a mistaken path may be gigabytes.
+MAX_SECRET_BYTES = 1 << 20
+_STDERR_TAIL = 400
+
+
+def resolve_secret(account: Account, *, env: Mapping[str, str] | None = None) -> str:
+    """Return the account's password or token; raise `SecretError` if it cannot be obtained.
+
+    `env` replaces `os.environ` for password_env, $CREDENTIALS_DIRECTORY and the environment of
+    password_command.
+    """
+    if account.password is not None:
+        return account.password.get_secret_value()
+    if account.password_file is not None:
+        return _from_file(account, account.password_file, os.environ if env is None else env)
+    if account.password_env is not None:
+        return _from_env(account, account.password_env, os.environ if env is None else env)
+    if account.password_command is not None:
+        return _from_command(account, account.password_command, env)
+    raise SecretError([f"accounts.{account.name}: no password source configured"])
+
+
+def _fail(account: Account, key: str, message: str) -> SecretError:
+    return SecretError([f"accounts.{account.name}.{key}: {message}"])
+
+
+def _from_env(account: Account, name: str, env: Mapping[str, str]) -> str:
+    value = env.get(name)
+    if value is None:
+        raise _fail(account, "password_env", f"environment variable {name} is not set")
+    if not value:
+        raise _fail(account, "password_env", f"environment variable {name} is empty")
+    return value
+
+
+def _secret_path(account: Account, path: Path, env: Mapping[str, str]) -> tuple[Path, bool]:
+    """Resolve a relative name against $CREDENTIALS_DIRECTORY; say whether systemd manages it."""
+    credentials = env.get("CREDENTIALS_DIRECTORY", "")
+    if not path.is_absolute():
+        if not credentials:
+            raise _fail(
+                account,
+                "password_file",
+                f"relative path {str(path)!r} needs $CREDENTIALS_DIRECTORY (systemd "
+                "LoadCredential=); use an absolute path otherwise",
+            )
+        path = Path(credentials) / path
+    # resolve() follows symlinks, so a link out of the credentials directory is not trusted.
+    managed = bool(credentials) and path.resolve().is_relative_to(Path(credentials).resolve())
+    return path, managed
+
+
+def _from_file(account: Account, configured: Path, env: Mapping[str, str]) -> str:
+    path, managed = _secret_path(account, configured, env)
+    try:
+        # O_NONBLOCK: opening a FIFO by mistake must not hang the job; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise _fail(account, "password_file", f"{path} is not a regular file")
+            if mode & (stat.S_IRGRP | stat.S_IROTH) and not managed:
+                raise _fail(
+                    account,
+                    "password_file",
+                    f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                    f"run chmod 600 {path}",
+                )
+            data = handle.read(MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        raise _fail(account, "password_file", f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_SECRET_BYTES:
+        raise _fail(account, "password_file", f"{path} is larger than {MAX_SECRET_BYTES} bytes")
+    text = _decode(account, "password_file", data, str(path))
+    # Editors and `echo` add one newline; anything else is part of the secret.
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise _fail(account, "password_file", f"{path} is empty")
+    return text
+
+
+def _decode(account: Account, key: str, data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail(account, key, f"{what} is not valid UTF-8") from None
+
+
+def _from_command(account: Account, command: str, env: Mapping[str, str] | None) -> str:
+    argv = shlex.split(command)
+    what = f"command {argv[0]!r}" if argv else "command"
+    try:
+        # No shell: the command line is split like a shell would, but nothing is expanded.
+        result = subprocess.run(  # noqa: S603
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            env=None if env is None else dict(env),
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        message = f"{what} timed out after {COMMAND_TIMEOUT:g}s"
+        raise _fail(account, "password_command", message) from None
+    except OSError as exc:
+        raise _fail(account, "password_command", f"cannot run {what}: {exc.strerror}") from None
+    if result.returncode != 0:
+        message = f"{what} {_status(result.returncode)}{_stderr_tail(result.stderr)}"
+        raise _fail(account, "password_command", message)
+    first_line = result.stdout.split(b"\n", 1)[0].removesuffix(b"\r")
+    secret = _decode(account, "password_command", first_line, f"output of {what}")
+    if not secret:
+        raise _fail(account, "password_command", f"{what} printed nothing on its first line")
+    return secret
+
+
+def _status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def _stderr_tail(stderr: bytes) -> str:
+    text = stderr.decode("utf-8", errors="replace").strip()
+    if not text:
+        return ""
+    if len(text) > _STDERR_TAIL:
+        text = "..." + text[-_STDERR_TAIL:]
+    return ": " + " | ".join(line.strip() for line in text.splitlines() if line.strip())
