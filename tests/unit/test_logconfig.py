@@ -1,0 +1,295 @@
+"""Logging setup: real rendered output (JSON lines, console), the stdlib bridge, redaction."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from popsync.logconfig import REDACTED, configure_logging, redact_secrets
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Undo every global change configure_logging makes, so other tests see defaults."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("apscheduler").setLevel(logging.NOTSET)
+    logging.captureWarnings(False)
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+def _json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    """Parse every line written so far as one JSON object."""
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_have_event_level_logger_and_utc_timestamp() -> None:
+    """Each structlog event becomes one JSON object with an ISO UTC timestamp."""
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    structlog.get_logger("popsync.sync").info("sync finished", account="work", fetched=3)
+    [line] = _json_lines(out)
+    assert line["event"] == "sync finished"
+    assert line["account"] == "work"
+    assert line["fetched"] == 3
+    assert line["level"] == "info"
+    assert line["logger"] == "popsync.sync"
+    stamp = datetime.fromisoformat(line["timestamp"])
+    assert stamp.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - stamp) < timedelta(minutes=1)
+
+
+def test_auto_format_on_a_non_tty_is_json() -> None:
+    """format='auto' writes JSON when the stream is not a terminal."""
+    out = io.StringIO()
+    configure_logging("auto", "info", out)
+    structlog.get_logger().warning("disk nearly full")
+    assert _json_lines(out)[0]["event"] == "disk nearly full"
+
+
+def test_stdlib_apscheduler_records_are_bridged_into_json() -> None:
+    """A plain logging record from APScheduler is rendered by the same JSON pipeline."""
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    logging.getLogger("apscheduler.scheduler").warning("Run time of job %r was missed", "work")
+    [line] = _json_lines(out)
+    assert line["event"] == "Run time of job 'work' was missed"
+    assert line["logger"] == "apscheduler.scheduler"
+    assert line["level"] == "warning"
+    assert "timestamp" in line
+
+
+def test_apscheduler_info_chatter_only_at_debug() -> None:
+    """APScheduler's per-run INFO lines are held back at INFO and shown at DEBUG."""
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    logging.getLogger("apscheduler.executors.default").info("Running job")
+    assert out.getvalue() == ""
+    configure_logging("json", "debug", out)
+    logging.getLogger("apscheduler.executors.default").info("Running job")
+    assert [line["event"] for line in _json_lines(out)] == ["Running job"]
+
+
+def test_level_filters_structlog_and_stdlib() -> None:
+    """Events below the configured level are dropped from both sources."""
+    out = io.StringIO()
+    configure_logging("json", "WARNING", out)
+    structlog.get_logger().info("quiet")
+    logging.getLogger("other").info("quiet too")
+    structlog.get_logger().error("loud")
+    assert [line["event"] for line in _json_lines(out)] == ["loud"]
+
+
+def test_reconfiguring_replaces_instead_of_stacking() -> None:
+    """A second call (SIGHUP) leaves one handler and moves output to the new stream."""
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("json", "info", first)
+    log = structlog.get_logger()
+    configure_logging("json", "info", second)
+    log.info("after reload")
+    logging.getLogger("x").warning("stdlib after reload")
+    assert first.getvalue() == ""
+    assert [line["event"] for line in _json_lines(second)] == [
+        "after reload",
+        "stdlib after reload",
+    ]
+
+
+def test_reconfigure_changes_level_of_existing_loggers() -> None:
+    """A logger obtained before a reload obeys the level set by the reload."""
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    log = structlog.get_logger()
+    log.debug("hidden")
+    configure_logging("json", "debug", out)
+    log.debug("visible")
+    assert [line["event"] for line in _json_lines(out)] == ["visible"]
+
+
+def test_exception_is_rendered_in_json() -> None:
+    """log.exception puts the formatted traceback in an 'exception' field."""
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        structlog.get_logger().exception("sync crashed")
+    [line] = _json_lines(out)
+    assert line["level"] == "error"
+    assert "ZeroDivisionError: boom" in line["exception"]
+
+
+def test_positional_args_and_contextvars() -> None:
+    """%-style arguments are interpolated and bound context variables are merged."""
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    structlog.contextvars.bind_contextvars(job="work")
+    structlog.get_logger().info("fetched %d messages", 4)
+    [line] = _json_lines(out)
+    assert line["event"] == "fetched 4 messages"
+    assert line["job"] == "work"
+
+
+def test_console_format_is_human_readable_without_colors_off_tty() -> None:
+    """format='console' on a non-TTY renders a plain key=value line, not JSON, without ANSI."""
+    out = io.StringIO()
+    configure_logging("console", "info", out)
+    structlog.get_logger("popsync.cli").info("started", accounts=2)
+    text = out.getvalue()
+    assert not ANSI.search(text)
+    assert "started" in text
+    assert "accounts=2" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_auto_format_on_a_real_tty_is_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """format='auto' on a pseudo-terminal uses the console renderer, coloured by default."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", encoding="utf-8", closefd=True) as tty:
+            configure_logging("auto", "info", tty)
+            structlog.get_logger().info("hello tty", password="hunter2")
+            tty.flush()
+            data = os.read(master, 65536).decode()
+    finally:
+        os.close(master)
+    assert ANSI.search(data)
+    plain = ANSI.sub("", data)
+    assert "hello tty" in plain
+    assert f"password={REDACTED}" in plain
+    assert "hunter2" not in plain
+    assert not plain.lstrip().startswith("{")
+
+
+def test_no_color_disables_ansi_on_a_tty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NO_COLOR turns colours off even on a terminal."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", encoding="utf-8", closefd=True) as tty:
+            configure_logging("auto", "info", tty)
+            structlog.get_logger().info("plain please")
+            tty.flush()
+            data = os.read(master, 65536).decode()
+    finally:
+        os.close(master)
+    assert "plain please" in data
+    assert not ANSI.search(data)
+
+
+@pytest.mark.parametrize(("fmt", "level"), [("xml", "info"), ("json", "chatty")])
+def test_invalid_format_or_level_is_rejected(fmt: str, level: str) -> None:
+    """An unknown format or level raises ValueError instead of silently logging nothing."""
+    with pytest.raises(ValueError, match="unknown log"):
+        configure_logging(fmt, level, io.StringIO())  # type: ignore[arg-type]
+
+
+def test_rendered_json_redacts_keys_and_protocol_text() -> None:
+    """Secrets never reach the rendered JSON, from structlog or from stdlib records."""
+    out = io.StringIO()
+    configure_logging("json", "debug", out)
+    structlog.get_logger().debug(
+        "login", user="alice", Password="hunter2", sent=b"PASS hunter2\r\n"
+    )
+    logging.getLogger("apscheduler").error("job failed: server said no to AUTH PLAIN AGFsaWNl")
+    text = out.getvalue()
+    assert "hunter2" not in text
+    assert "AGFsaWNl" not in text
+    login, failure = _json_lines(out)
+    assert login["Password"] == REDACTED
+    assert login["user"] == "alice"
+    assert login["sent"] == repr(b"PASS [redacted]\r\n")
+    assert failure["event"] == "job failed: server said no to AUTH PLAIN [redacted]"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "password",
+        "PASSWORD",
+        "pass",
+        "secret",
+        "Token",
+        "authorization",
+        "credentials",
+        "oauth_token",
+        "client-secret",
+        "passwd",
+    ],
+)
+def test_redact_secret_keys(key: str) -> None:
+    """Secret-named keys are redacted whatever their case, alone or as a suffix."""
+    with capture_logs(processors=[redact_secrets]) as logs:
+        structlog.get_logger().info("x", **{key: "s3cret"})
+    assert logs[0][key] == REDACTED
+
+
+@pytest.mark.parametrize("key", ["password_file", "password_command", "token_url", "passes"])
+def test_keys_that_only_mention_secrets_are_kept(key: str) -> None:
+    """Keys naming where a secret lives (a path, a command) are not redacted."""
+    with capture_logs(processors=[redact_secrets]) as logs:
+        structlog.get_logger().info("x", **{key: "/run/credentials/popsync/work"})
+    assert logs[0][key] == "/run/credentials/popsync/work"
+
+
+def test_redact_nested_dicts_and_lists_without_mutating_the_caller() -> None:
+    """Nested mappings and lists are redacted in a copy; the caller's objects are untouched."""
+    account = {"name": "work", "auth": {"token": "abc", "mech": "xoauth2"}, "pass": "x"}
+    history = [{"secret": "s"}, "PASS hunter2"]
+    with capture_logs(processors=[redact_secrets]) as logs:
+        structlog.get_logger().info("x", account=account, history=history)
+    assert logs[0]["account"] == {
+        "name": "work",
+        "auth": {"token": REDACTED, "mech": "xoauth2"},
+        "pass": REDACTED,
+    }
+    assert logs[0]["history"] == [{"secret": REDACTED}, f"PASS {REDACTED}"]
+    assert account["auth"] == {"token": "abc", "mech": "xoauth2"}
+    assert history[1] == "PASS hunter2"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("C: PASS hunter2 with spaces", f"C: PASS {REDACTED}"),
+        ("AUTH PLAIN AGFsaWNlAGh1bnRlcjI=", f"AUTH PLAIN {REDACTED}"),
+        ("AUTH XOAUTH2 dXNlcj1h", f"AUTH XOAUTH2 {REDACTED}"),
+        ("APOP alice c4c9334bac560ecc979e58001b3e22fb", f"APOP alice {REDACTED}"),
+        ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30", f"Authorization: Bearer {REDACTED}"),
+        ("sent PASS x\r\nthen STAT", f"sent PASS {REDACTED}\r\nthen STAT"),
+    ],
+)
+def test_redact_protocol_text(text: str, expected: str) -> None:
+    """PASS, AUTH initial responses, APOP digests and bearer tokens are scrubbed from text."""
+    with capture_logs(processors=[redact_secrets]) as logs:
+        structlog.get_logger().info(text, detail=text)
+    assert logs[0]["event"] == expected
+    assert logs[0]["detail"] == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["all tests pass now", "AUTH", "USER alice", "Authentication failed.", "STAT"]
+)
+def test_ordinary_text_is_left_alone(text: str) -> None:
+    """Prose and harmless commands are not redacted."""
+    with capture_logs(processors=[redact_secrets]) as logs:
+        structlog.get_logger().info(text)
+    assert logs[0]["event"] == text
