@@ -1,0 +1,356 @@
+"""Maildir writer: stream into tmp/, fsync, rename into new/, fsync the directory once per batch.
+
+The engine follows the durability order in ARCHITECTURE.md with group commit::
+
+    msgs = [md.open_tmp() for each message]; write...; msg.finish()    # file data durable
+    store.add_pending(account, [(uidl, msg.name, msg.size), ...])     # one transaction
+    finals = md.deliver([msg.name, ...])                             # K renames, one fsync(new/)
+    store.mark_delivered(account, list(zip(uidls, finals)), at=now)   # one transaction
+
+Names follow the maildir spec (https://cr.yp.to/proto/maildir.html) with Dovecot's fields::
+
+    <seconds>.M<usec>P<pid>Q<counter>R<random hex>.<hostname>        (tmp/)
+    <unique>,S=<size>                                               (new/, after deliver())
+    <unique>,S=<size>:2,<flags>                                     (cur/, moved by a reader)
+
+Why these names are unique even when the spec's assumptions break: time + PID is what the
+spec relies on, but a container restarts with the same PID and a clock can jump back, so two
+processes can agree on seconds, microseconds and PID. The per-process counter ``Q`` makes names
+from one process distinct no matter what the clock does, and ``R`` (64 random bits from
+`secrets`, i.e. the OS CSPRNG, which is fork-safe) makes names from different processes distinct
+even with an identical PID and clock. Finally tmp files are created with O_EXCL, so a collision
+is retried with a fresh name instead of overwriting. A UIDL never appears in a name: it may hold
+``/`` and other bytes the filesystem dislikes.
+
+The hostname is escaped per Dovecot (``/`` -> ``\\057``, ``:`` -> ``\\072``) and we also escape
+``,`` (``\\054``) so the unique part can always be recovered by cutting at the first ``,``.
+
+OSError caused by the environment (disk full, quota, read-only, permissions, EIO) is raised as
+`popsync.errors.LocalIOError`; anything else propagates (it is a bug).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, NoReturn, Self
+
+from popsync.errors import LocalIOError
+
+__all__ = [
+    "STALE_TMP_SECONDS",
+    "Location",
+    "Maildir",
+    "MessageMissing",
+    "TmpMessage",
+    "base_name",
+    "new_unique_name",
+]
+
+Location = Literal["tmp", "new", "cur"]
+
+#: The maildir spec's rule: tmp/ files untouched for 36 hours are debris.
+STALE_TMP_SECONDS = 36 * 3600.0
+
+_WRITE_BUFFER = 64 * 1024  # RETR chunks can be single lines; batch them into fewer syscalls
+_LOCAL_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EFBIG}
+)
+_counter = itertools.count(1)
+_counter_lock = threading.Lock()
+
+
+class MessageMissing(FileNotFoundError):
+    """deliver() was asked for names that are in none of tmp/, new/ or cur/."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        super().__init__(errno.ENOENT, f"not in the Maildir: {', '.join(self.names)}")
+
+
+def _raise_local(exc: OSError, action: str) -> NoReturn:
+    """Re-raise an environmental OSError as LocalIOError; leave bugs alone."""
+    if exc.errno in _LOCAL_ERRNOS:
+        reason = os.strerror(exc.errno) if exc.errno is not None else str(exc)
+        where = f" {exc.filename}" if exc.filename else ""
+        raise LocalIOError(f"cannot {action}{where}: {reason}") from exc
+    raise exc
+
+
+@contextmanager
+def _local_io(action: str) -> Iterator[None]:
+    """Map environmental OSErrors raised inside the block to LocalIOError."""
+    try:
+        yield
+    except OSError as exc:
+        _raise_local(exc, action)
+
+
+def _sanitize_host(host: str) -> str:
+    """Escape the characters that would break a maildir name."""
+    host = host or "localhost"
+    return host.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
+
+
+def new_unique_name(hostname: str | None = None) -> str:
+    """A fresh `<seconds>.M<usec>P<pid>Q<counter>R<random>.<host>` basename."""
+    with _counter_lock:
+        count = next(_counter)
+    ns = time.time_ns()
+    seconds, usec = ns // 1_000_000_000, (ns // 1000) % 1_000_000
+    host = _sanitize_host(os.uname().nodename if hostname is None else hostname)
+    return f"{seconds}.M{usec}P{os.getpid()}Q{count}R{secrets.token_hex(8)}.{host}"
+
+
+def base_name(name: str) -> str:
+    """The unique part of a maildir name, without `:2,FLAGS` info or `,S=` style fields."""
+    return name.split(":", 1)[0].split(",", 1)[0]
+
+
+def _check_name(name: str) -> None:
+    """Refuse anything that could escape the directory."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise ValueError(f"invalid maildir file name {name!r}")
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so renames and creations in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TmpMessage:
+    """A message being written into tmp/; a binary sink for `Pop3Client.retr_into`."""
+
+    def __init__(self, maildir: Maildir, name: str, fd: int) -> None:
+        self.name = name
+        self.path = maildir.tmp / name
+        self.size = 0
+        self._fd: int | None = fd
+        self._buffer = bytearray()
+        self._finished = False
+
+    @property
+    def closed(self) -> bool:
+        """True once finished or discarded."""
+        return self._fd is None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append bytes; flushes to the kernel every 64 KiB."""
+        if self._fd is None:
+            raise ValueError(f"write to closed message {self.name}")
+        self._buffer += data
+        self.size += len(data)
+        if len(self._buffer) >= _WRITE_BUFFER:
+            self._flush()
+        return len(data)
+
+    def _flush(self) -> None:
+        """Write the buffer out; on failure delete the partial file and raise LocalIOError."""
+        assert self._fd is not None
+        view = memoryview(self._buffer)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            view.release()
+            self.discard()
+            _raise_local(exc, f"write {self.path}")
+        view.release()
+        self._buffer.clear()
+
+    def finish(self, *, fsync: bool = True) -> None:
+        """Flush, fsync (unless told not to) and close; the file stays in tmp/ for deliver()."""
+        if self._finished:
+            return
+        if self._fd is None:
+            raise ValueError(f"message {self.name} was discarded")
+        self._flush()
+        fd = self._fd
+        try:
+            if fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            self.discard()
+            _raise_local(exc, f"fsync {self.path}")
+        self._fd = None
+        self._finished = True
+        os.close(fd)
+
+    def discard(self) -> None:
+        """Close (if open) and delete the tmp file; safe to call twice."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        self._buffer.clear()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Discard on exception; otherwise make sure the message is finished."""
+        if exc_type is not None:
+            self.discard()
+        elif not self._finished:
+            self.finish()
+
+
+class Maildir:
+    """One Maildir (tmp/, new/, cur/), written by one account at a time."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        self.tmp = self.path / "tmp"
+        self.new = self.path / "new"
+        self.cur = self.path / "cur"
+        self.hostname = os.uname().nodename
+        if create:
+            with _local_io("create Maildir"):
+                for sub in (self.path, self.tmp, self.new, self.cur):
+                    sub.mkdir(mode=0o700, exist_ok=True)
+        for sub in (self.tmp, self.new, self.cur):
+            if not sub.is_dir():
+                raise LocalIOError(f"not a Maildir: {sub} is missing")
+
+    def __repr__(self) -> str:
+        return f"Maildir({str(self.path)!r})"
+
+    def open_tmp(self) -> TmpMessage:
+        """Create a new empty file (mode 0600) in tmp/ with a fresh unique name."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for _ in range(10):
+            name = new_unique_name(self.hostname)
+            try:
+                fd = os.open(self.tmp / name, flags, 0o600)
+            except FileExistsError:  # the O_EXCL safety net; effectively unreachable
+                continue
+            except OSError as exc:
+                _raise_local(exc, "create a file in")
+            return TmpMessage(self, name, fd)
+        raise LocalIOError(f"cannot find a free name in {self.tmp}")
+
+    def deliver(self, names: Sequence[str]) -> list[str]:
+        """Move finished tmp files into new/ as `<name>,S=<size>`; fsync new/ and tmp/ once.
+
+        Idempotent for recovery: a name already in new/ or cur/ returns its current final name
+        without moving anything. Raises `MessageMissing` (before moving anything) for names
+        found nowhere, so the engine can drop those pending rows and fetch them again.
+        """
+        for name in names:
+            _check_name(name)
+        if len(set(names)) != len(names):
+            raise ValueError("deliver() got the same name twice")
+        sizes: dict[str, int] = {}
+        with _local_io("deliver into"):
+            for name in names:
+                with suppress(FileNotFoundError):
+                    sizes[name] = os.stat(self.tmp / name).st_size
+            # Only a recovery run has names missing from tmp/; only then read new/ and cur/.
+            absent = {base_name(n) for n in names if n not in sizes}
+            placed = self._scan_placed(absent)
+            missing = [n for n in names if n not in sizes and base_name(n) not in placed]
+            if missing:
+                raise MessageMissing(missing)
+            finals: list[str] = []
+            moved = False
+            for name in names:
+                if name not in sizes:
+                    finals.append(placed[base_name(name)][1])
+                    continue
+                final = f"{name},S={sizes[name]}"
+                os.rename(self.tmp / name, self.new / final)
+                finals.append(final)
+                moved = True
+            if moved:
+                _fsync_dir(self.new)
+                _fsync_dir(self.tmp)
+        return finals
+
+    def _scan_placed(self, bases: set[str]) -> dict[str, tuple[Location, str]]:
+        """Where in new/ or cur/ each wanted base name is, and under which file name."""
+        found: dict[str, tuple[Location, str]] = {}
+        if not bases:
+            return found
+        where: Location
+        for where in ("cur", "new"):  # new/ wins: it is checked last and overwrites
+            with _local_io(f"list {where}/ of"), os.scandir(self.path / where) as it:
+                for entry in it:
+                    base = base_name(entry.name)
+                    if base in bases:
+                        found[base] = (where, entry.name)
+        return found
+
+    def locate_many(self, names: Collection[str]) -> dict[str, Location | None]:
+        """locate() for a batch, reading each directory once."""
+        for name in names:
+            _check_name(name)
+        placed = self._scan_placed({base_name(n) for n in names})
+        result: dict[str, Location | None] = {}
+        for name in names:
+            hit = placed.get(base_name(name))
+            if hit is not None:
+                result[name] = hit[0]
+            elif (self.tmp / base_name(name)).exists():
+                result[name] = "tmp"
+            else:
+                result[name] = None
+        return result
+
+    def locate(self, name: str) -> Location | None:
+        """Where a message is, matching on its unique part (readers rename new/ -> cur/:2,S).
+
+        A file in new/ or cur/ wins over one in tmp/: it is delivered, whatever is left behind.
+        """
+        return self.locate_many([name])[name]
+
+    def remove_tmp(self, name: str) -> None:
+        """Delete one tmp/ file if it is there."""
+        _check_name(name)
+        with _local_io("remove from"):
+            (self.tmp / name).unlink(missing_ok=True)
+
+    def cleanup_tmp(
+        self,
+        keep: Collection[str],
+        older_than: float = STALE_TMP_SECONDS,
+        *,
+        now: float | None = None,
+    ) -> list[str]:
+        """Remove tmp/ files not in `keep` and untouched (atime and mtime) for `older_than`.
+
+        tmp/ may be shared with other delivery agents, so only stale debris goes (the spec's
+        36-hour rule); names in `keep` (pending rows) are never removed. Returns removed names.
+        """
+        keep_set = set(keep)
+        cutoff = (time.time() if now is None else now) - older_than
+        removed: list[str] = []
+        with _local_io("clean up"), os.scandir(self.tmp) as it:
+            for entry in it:
+                if entry.name in keep_set:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and max(st.st_atime, st.st_mtime) < cutoff:
+                    (self.tmp / entry.name).unlink(missing_ok=True)
+                    removed.append(entry.name)
+        return removed
