@@ -1,0 +1,183 @@
+"""One APScheduler job per account; the only module that imports apscheduler.
+
+Every account is an interval job with jitter, ``max_instances=1`` (a run never overlaps
+itself) and coalescing (a daemon that was suspended runs once, not once per missed
+interval). Jobs run on a bounded thread pool, so a stalled server costs one worker until
+its timeout, never the whole schedule. After each run the job's next time is moved by
+:func:`popsync.backoff.next_delay`, which honours the server's ``LOGIN-DELAY`` and backs
+off on failures.
+
+A separate one-thread executor runs a heartbeat job; the daemon only tells systemd's
+watchdog that all is well while that heartbeat keeps beating, which proves the
+scheduler's own thread is alive even when every worker is busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from popsync.backoff import next_delay
+
+if TYPE_CHECKING:
+    from popsync.config import Account
+    from popsync.sync import RunResult
+
+__all__ = ["HEARTBEAT_EVERY", "AccountScheduler"]
+
+#: How often the heartbeat job beats (seconds).
+HEARTBEAT_EVERY = 5.0
+_HEARTBEAT_ID = "__heartbeat__"
+#: Jitter is at most this share of the interval, and never more than a minute.
+_JITTER_SHARE = 0.1
+_MAX_JITTER = 60.0
+
+
+def _jitter(interval: float) -> int:
+    return int(min(interval * _JITTER_SHARE, _MAX_JITTER))
+
+
+class AccountScheduler:
+    """Runs ``run(account)`` for every account on its interval, with backoff."""
+
+    def __init__(
+        self,
+        run: Callable[[Account], RunResult],
+        *,
+        max_workers: int,
+        on_result: Callable[[RunResult], None] | None = None,
+    ) -> None:
+        self._run = run
+        self._on_result = on_result
+        self._accounts: dict[str, Account] = {}
+        self._failures: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._beat = time.monotonic()
+        # APScheduler logs every job start at INFO; our own per-run event says more.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        self._scheduler = BackgroundScheduler(
+            executors={
+                "default": ThreadPoolExecutor(max_workers),
+                "heartbeat": ThreadPoolExecutor(1),
+            },
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=UTC,
+        )
+
+    # ------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._scheduler.add_job(
+            self._heartbeat,
+            IntervalTrigger(seconds=HEARTBEAT_EVERY, timezone=UTC),
+            id=_HEARTBEAT_ID,
+            executor="heartbeat",
+        )
+        self._scheduler.start()
+
+    def shutdown(self, timeout: float) -> bool:
+        """Stop scheduling and wait up to ``timeout`` seconds for running jobs; True if done."""
+        done = threading.Event()
+
+        def wait() -> None:
+            self._scheduler.shutdown(wait=True)
+            done.set()
+
+        if self._scheduler.running:
+            self._scheduler.pause()
+            threading.Thread(target=wait, name="popsync-shutdown", daemon=True).start()
+            return done.wait(timeout)
+        return True
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the heartbeat job last ran."""
+        return time.monotonic() - self._beat
+
+    def _heartbeat(self) -> None:
+        self._beat = time.monotonic()
+
+    # --------------------------------------------------------------------- accounts
+    @property
+    def accounts(self) -> Mapping[str, Account]:
+        with self._lock:
+            return dict(self._accounts)
+
+    def set_accounts(
+        self, accounts: Mapping[str, Account]
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Add, remove and change jobs to match ``accounts``; return (added, removed, changed)."""
+        with self._lock:
+            old = self._accounts
+            self._accounts = dict(accounts)
+        added = [n for n in accounts if n not in old]
+        removed = [n for n in old if n not in accounts]
+        changed = [n for n in accounts if n in old and old[n] != accounts[n]]
+        for name in removed:
+            self._scheduler.remove_job(name)
+            self._failures.pop(name, None)
+        now = datetime.now(UTC)
+        for name in added + changed:
+            account = accounts[name]
+            self._scheduler.add_job(
+                self._job,
+                IntervalTrigger(
+                    seconds=account.interval, jitter=_jitter(account.interval), timezone=UTC
+                ),
+                args=(name,),
+                id=name,
+                name=f"sync {name}",
+                replace_existing=True,
+                next_run_time=now,
+            )
+        return added, removed, changed
+
+    def poll_now(self) -> None:
+        """Run every account as soon as a worker is free (SIGUSR1)."""
+        now = datetime.now(UTC)
+        for name in self.accounts:
+            job = self._scheduler.get_job(name)
+            if job is not None:
+                job.modify(next_run_time=now)
+
+    def next_run(self, name: str) -> datetime | None:
+        job = self._scheduler.get_job(name)
+        return None if job is None else job.next_run_time
+
+    # -------------------------------------------------------------------------- job
+    def _job(self, name: str) -> None:
+        account = self.accounts.get(name)
+        if account is None:  # removed by a reload while queued
+            return
+        result = self._run(account)
+        failures = 0 if result.outcome == "ok" else self._failures.get(name, 0) + 1
+        self._failures[name] = failures
+        delay = next_delay(
+            result.outcome, failures, account.interval, retry_after=result.retry_after
+        )
+        if delay != account.interval:
+            self._reschedule(name, delay)
+        if self._on_result is not None:
+            self._on_result(result)
+
+    def _reschedule(self, name: str, delay: float) -> None:
+        job = self._scheduler.get_job(name)
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+
+    def describe(self) -> dict[str, Any]:
+        """Failures and next run per account, for status lines and tests."""
+        return {
+            name: {"failures": self._failures.get(name, 0), "next_run": self.next_run(name)}
+            for name in self.accounts
+        }
