@@ -1,0 +1,68 @@
+"""Shared fixtures: one private Dovecot per test session (per xdist worker), fresh users."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.dovecot import Dovecot, MailUser, dovecot_available
+
+__all__ = ["ca_file", "dovecot", "in_ci", "mail_user"]
+
+_INSTALL_HINT = "install dovecot-core and dovecot-pop3d (./dev setup does it)"
+
+
+def in_ci() -> bool:
+    """True when the CI environment variable says we run in CI."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the Dovecot server, so ``-m "not dovecot"`` works."""
+    for item in items:
+        if "dovecot" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.dovecot)
+
+
+def _server_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bool]:
+    """Return (root, remove_when_done) for the server's files.
+
+    As root, Dovecot's mail processes run as nobody and must traverse the path, but
+    pytest keeps its temp base 0700; so root gets a private directory of its own in /tmp.
+    """
+    if os.geteuid() != 0:
+        return tmp_path_factory.mktemp("dovecot"), False
+    return Path(tempfile.mkdtemp(prefix="popsync-dovecot-")), True
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    """A running private Dovecot with POP3 (plain + STLS) and POP3S listeners."""
+    if not dovecot_available():
+        if in_ci():
+            pytest.fail(f"CI is set but Dovecot is not installed: {_INSTALL_HINT}")
+        pytest.skip(f"Dovecot is not installed: {_INSTALL_HINT}")
+    root, remove = _server_root(tmp_path_factory)
+    try:
+        with Dovecot(root) as server:
+            yield server
+    finally:
+        if remove:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def mail_user(dovecot: Dovecot) -> MailUser:
+    """A fresh user with an empty mailbox on the session's Dovecot."""
+    return dovecot.new_user()
+
+
+@pytest.fixture
+def ca_file(dovecot: Dovecot) -> Path:
+    """PEM file of the CA that signed the Dovecot server certificate."""
+    return dovecot.ca_file
