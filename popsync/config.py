@@ -81,6 +81,14 @@ _CHECKS_ERROR = "popsync_checks"
 _TOP_LEVEL_KEYS = ("state_dir", "max_workers", "log_format", "log_level", "defaults", "accounts")
 
 
+_BAD_NAME = "invalid account name; use 1-64 letters, digits, '_', '.' or '-'"
+
+
+def _valid_name(name: str) -> bool:
+    # "." and ".." are excluded: other modules may use the name in file names.
+    return bool(_NAME_RE.fullmatch(name)) and set(name) != {"."}
+
+
 def _expand_path(value: object) -> Path:
     """Expand ~ in a path string; keep relative paths relative."""
     if isinstance(value, Path):
@@ -136,7 +144,7 @@ class Account(BaseModel):
 
     model_config = _MODEL_CONFIG
 
-    name: Annotated[str, Field(pattern=_NAME_RE.pattern)]
+    name: str
     host: NonEmptyStr
     port: Annotated[int, Field(ge=1, le=65535)]
     tls: TlsMode = "implicit"
@@ -168,6 +176,13 @@ class Account(BaseModel):
             tls = data.get("tls", "implicit")
             return {**data, "port": DEFAULT_PORTS.get(tls, 995) if isinstance(tls, str) else 995}
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _valid_name(value):
+            raise ValueError(_BAD_NAME)
+        return value
 
     @field_validator("host")
     @classmethod
@@ -513,10 +528,8 @@ def _validate_accounts(
         if not isinstance(table, dict):
             own_lines.append(f"{where}: must be a table ([{where}])")
             continue
-        if not _NAME_RE.fullmatch(name) or set(name) == {"."}:
-            own_lines.append(
-                f"{where}: invalid account name; use 1-64 letters, digits, '_', '.' or '-'"
-            )
+        if not _valid_name(name):
+            own_lines.append(f"{where}: {_BAD_NAME}")
             continue
         own = _check_keys(["accounts", name], table, own_lines)
         account, from_defaults, from_account = _validate_account(name, own, defaults)

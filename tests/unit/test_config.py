@@ -279,6 +279,21 @@ def test_structural_errors(text: str, expected: list[str]) -> None:
     assert problems_of(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [("a/b", '"a/b"'), ("..", '".."'), ("x" * 65, "x" * 65), ("sp ace", '"sp ace"'), ("", '""')],
+)
+def test_invalid_account_names(name: str, shown: str) -> None:
+    """Names unsafe in file names are refused, by parse_config and by the model itself."""
+    text = MINIMAL.replace("[accounts.work]", f'[accounts."{name}"]')
+    assert problems_of(text) == [
+        f"accounts.{shown}: invalid account name; use 1-64 letters, digits, '_', '.' or '-'"
+    ]
+    fields = parse_config(MINIMAL).accounts["work"].model_dump()
+    with pytest.raises(ValidationError, match="invalid account name"):
+        Account.model_validate({**fields, "name": name})
+
+
 def test_options_accept_friendly_spellings() -> None:
     """log_level is case-insensitive and pipelining accepts booleans."""
     text = 'log_level = "DEBUG"\n' + MINIMAL + "pipelining = false\n"
