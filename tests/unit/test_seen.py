@@ -1,0 +1,367 @@
+"""Tests for the SQLite seen-store."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import pytest
+
+import popsync.seen
+from popsync.errors import ExitCode, LockBusy
+from popsync.seen import (
+    SCHEMA_VERSION,
+    RunRecord,
+    SchemaTooNew,
+    SeenEntry,
+    SeenStore,
+    SeenStoreError,
+)
+
+CTX = multiprocessing.get_context("fork")
+ODD_UIDL = b"a/b\x00\xff:..,"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Where the store lives, in a state directory that does not exist yet."""
+    return tmp_path / "state" / "popsync.sqlite3"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SeenStore]:
+    """An open store."""
+    s = SeenStore.open(db_path)
+    yield s
+    s.close()
+
+
+def mode(path: Path) -> int:
+    """Permission bits of a path."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- files, pragmas, schema -------------------------------------------------------------------
+
+
+def test_creates_private_files(store: SeenStore, db_path: Path) -> None:
+    """The state dir is 0700; the database and its WAL side files are 0600."""
+    store.add_pending("a", [(b"u", "n", 1)])
+    assert mode(db_path.parent) == 0o700
+    assert mode(db_path) == 0o600
+    for suffix in ("-wal", "-shm"):
+        side = db_path.with_name(db_path.name + suffix)
+        assert side.exists()
+        assert mode(side) == 0o600
+
+
+def test_tightens_an_existing_world_readable_file(db_path: Path) -> None:
+    """A pre-existing 0644 database is made 0600 on open."""
+    db_path.parent.mkdir()
+    db_path.touch(mode=0o644)
+    db_path.chmod(0o644)
+    SeenStore.open(db_path).close()
+    assert mode(db_path) == 0o600
+
+
+def test_pragmas(store: SeenStore, db_path: Path) -> None:
+    """WAL, synchronous=FULL and a busy timeout are set."""
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+    with sqlite3.connect(db_path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_schema_version_and_reopen_keeps_data(db_path: Path) -> None:
+    """A new file gets the current schema version; data survives a reopen."""
+    with SeenStore.open(db_path) as s:
+        assert s.schema_version == SCHEMA_VERSION >= 1
+        s.add_pending("a", [(b"u1", "tmpname", 10)], at=5.0)
+    with SeenStore.open(db_path) as s:
+        assert s.entries("a")[b"u1"].name == "tmpname"
+
+
+def test_newer_schema_is_refused(db_path: Path) -> None:
+    """A database from a newer popsync raises SchemaTooNew (a local I/O error)."""
+    SeenStore.open(db_path).close()
+    with sqlite3.connect(db_path) as raw:
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}") as info:
+        SeenStore.open(db_path)
+    assert info.value.exit_code == ExitCode.LOCAL_IO
+    with sqlite3.connect(db_path) as raw:  # and it was left alone
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+
+
+def test_migrations_run_in_order(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening an older file applies only the missing migration steps."""
+    with SeenStore.open(db_path) as s:
+        s.add_pending("a", [(b"u", "n", 1)])
+    step = ("ALTER TABLE seen ADD COLUMN note TEXT", "UPDATE seen SET note = 'migrated'")
+    monkeypatch.setattr(popsync.seen, "MIGRATIONS", (*popsync.seen.MIGRATIONS, step))
+    with SeenStore.open(db_path) as s:
+        assert s.schema_version == SCHEMA_VERSION + 1
+        assert s._conn.execute("SELECT note FROM seen").fetchall() == [("migrated",)]
+    with SeenStore.open(db_path) as s:  # not applied twice
+        assert s.schema_version == SCHEMA_VERSION + 1
+
+
+def test_garbage_file_is_a_store_error(db_path: Path) -> None:
+    """A file that is not SQLite raises SeenStoreError, not a raw sqlite3 error."""
+    db_path.parent.mkdir()
+    db_path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(SeenStoreError):
+        SeenStore.open(db_path)
+
+
+def test_unusable_state_dir_is_a_store_error(tmp_path: Path) -> None:
+    """A state_dir that is a regular file raises SeenStoreError."""
+    (tmp_path / "state").write_text("")
+    with pytest.raises(SeenStoreError):
+        SeenStore.open(tmp_path / "state" / "popsync.sqlite3")
+
+
+def test_busy_database_raises_lock_busy(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer blocked past busy_timeout gets LockBusy (temporary), not a crash."""
+    monkeypatch.setattr(popsync.seen, "_BUSY_TIMEOUT_MS", 50)
+    with SeenStore.open(db_path) as s:
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(LockBusy):
+                s.add_pending("a", [(b"u", "n", 1)])
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        s.add_pending("a", [(b"u", "n", 1)])  # the failed transaction left nothing open
+        assert list(s.entries("a")) == [b"u"]
+
+
+# --- seen rows --------------------------------------------------------------------------------
+
+
+def test_pending_then_delivered_lifecycle(store: SeenStore) -> None:
+    """add_pending then mark_delivered then mark_deleted fill in one row."""
+    store.add_pending("acct", [(ODD_UIDL, "tmp1", 123), (b"two", "tmp2", 4)], at=100.0)
+    assert store.entries("acct")[ODD_UIDL] == SeenEntry(
+        ODD_UIDL, "pending", "tmp1", 123, 100.0, None, None
+    )
+    store.mark_delivered("acct", [(ODD_UIDL, "tmp1,S=123")], at=200.0)
+    store.mark_deleted("acct", [ODD_UIDL, b"two"], at=300.0)
+    entries = store.entries("acct")
+    assert entries[ODD_UIDL] == SeenEntry(
+        ODD_UIDL, "delivered", "tmp1,S=123", 123, 100.0, 200.0, 300.0
+    )
+    assert entries[b"two"].deleted_at is None  # pending rows are never marked deleted
+
+
+def test_accounts_are_isolated(store: SeenStore) -> None:
+    """The same UIDL in two accounts is two rows."""
+    store.add_pending("a", [(b"u", "na", 1)])
+    store.add_pending("b", [(b"u", "nb", 2)])
+    store.forget("a", [b"u"])
+    assert store.entries("a") == {}
+    assert store.entries("b")[b"u"].name == "nb"
+
+
+def test_add_pending_refuses_delivered_atomically(store: SeenStore) -> None:
+    """A batch touching a delivered UIDL is rejected whole, so nothing is delivered twice."""
+    store.mark_delivered("a", [(b"done", "final")], at=1.0)
+    with pytest.raises(ValueError, match="already delivered"):
+        store.add_pending("a", [(b"new", "n", 1), (b"done", "again", 1)])
+    entries = store.entries("a")
+    assert set(entries) == {b"done"}
+    assert entries[b"done"].name == "final"
+
+
+def test_add_pending_updates_a_pending_row(store: SeenStore) -> None:
+    """Re-adding a pending UIDL replaces its name and size but keeps first_seen."""
+    store.add_pending("a", [(b"u", "old", 1)], at=1.0)
+    store.add_pending("a", [(b"u", "new", 2)], at=2.0)
+    entry = store.entries("a")[b"u"]
+    assert (entry.name, entry.size, entry.first_seen) == ("new", 2, 1.0)
+
+
+def test_mark_delivered_is_idempotent_and_inserts_missing(store: SeenStore) -> None:
+    """Delivering twice keeps the first delivered_at; an unknown UIDL is inserted delivered."""
+    store.add_pending("a", [(b"u", "t", 1)], at=1.0)
+    store.mark_delivered("a", [(b"u", "f")], at=2.0)
+    store.mark_delivered("a", [(b"u", "f:2,S"), (b"x", "g")], at=3.0)
+    entries = store.entries("a")
+    assert (entries[b"u"].delivered_at, entries[b"u"].name) == (2.0, "f:2,S")
+    assert entries[b"x"].state == "delivered"
+    assert entries[b"x"].delivered_at == 3.0
+
+
+def test_remove_only_drops_pending(store: SeenStore) -> None:
+    """remove() deletes pending rows and leaves delivered ones, returning the count."""
+    store.add_pending("a", [(b"p", "t", 1), (b"d", "t2", 1)])
+    store.mark_delivered("a", [(b"d", "f")], at=1.0)
+    assert store.remove("a", [b"p", b"d", b"unknown"]) == 1
+    assert set(store.entries("a")) == {b"d"}
+
+
+def test_forget_drops_any_state(store: SeenStore) -> None:
+    """forget() deletes pending and delivered rows."""
+    store.add_pending("a", [(b"p", "t", 1), (b"d", "t2", 1)])
+    store.mark_delivered("a", [(b"d", "f")], at=1.0)
+    assert store.forget("a", [b"p", b"d"]) == 2
+    assert store.entries("a") == {}
+    assert store.forget("a", []) == 0
+
+
+def test_large_batch_is_one_transaction(store: SeenStore) -> None:
+    """A 5000-item batch is committed by one BEGIN/COMMIT."""
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    items = [(f"u{i}".encode(), f"n{i}", i) for i in range(5000)]
+    store.add_pending("a", items)
+    store.mark_delivered("a", [(u, n + ",S=1") for u, n, _ in items], at=1.0)
+    store._conn.set_trace_callback(None)
+    assert statements.count("BEGIN IMMEDIATE") == 2
+    assert statements.count("COMMIT") == 2
+    assert len(store.entries("a")) == 5000
+
+
+def test_concurrent_threads_share_one_store(store: SeenStore) -> None:
+    """Eight threads writing batches through one store lose nothing."""
+
+    def work(t: int) -> None:
+        for b in range(20):
+            items = [(f"{t}-{b}-{i}".encode(), "n", 1) for i in range(10)]
+            store.add_pending(f"acct{t % 2}", items)
+            store.mark_delivered(f"acct{t % 2}", [(u, "f") for u, _, _ in items], at=1.0)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    total = len(store.entries("acct0")) + len(store.entries("acct1"))
+    assert total == 8 * 20 * 10
+
+
+def _write_from_child(path: Path, tag: str) -> None:
+    """Child: write 50 small batches through its own store."""
+    with SeenStore.open(path) as s:
+        for b in range(50):
+            s.add_pending("shared", [(f"{tag}{b}".encode(), "n", 1)])
+
+
+def test_concurrent_processes_share_the_file(db_path: Path) -> None:
+    """Three processes writing at once all succeed (WAL + busy_timeout)."""
+    SeenStore.open(db_path).close()
+    procs = [CTX.Process(target=_write_from_child, args=(db_path, t)) for t in "xyz"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    with SeenStore.open(db_path) as s:
+        assert len(s.entries("shared")) == 150
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def test_runs_track_last_run_and_consecutive_failures(store: SeenStore) -> None:
+    """last_runs() keeps the latest run per account and counts failures until a success."""
+    assert store.last_runs() == {}
+    fail = RunRecord(started=1.0, finished=2.0, outcome="network", error="refused")
+    assert store.record_run("a", fail).consecutive_failures == 1
+    assert store.record_run("a", fail).consecutive_failures == 2
+    ok = RunRecord(
+        3.0, 4.0, "ok", fetched=5, skipped=1, deleted=2, bytes_fetched=999, messages_on_server=7
+    )
+    store.record_run("b", ok)
+    runs = store.last_runs()
+    assert runs["a"] == RunRecord(1.0, 2.0, "network", error="refused", consecutive_failures=2)
+    assert runs["b"] == ok
+    store.record_run("a", ok)
+    assert store.last_runs()["a"].consecutive_failures == 0
+
+
+# --- locks ------------------------------------------------------------------------------------
+
+
+def test_lock_is_exclusive_within_a_process(store: SeenStore, db_path: Path) -> None:
+    """A held account lock refuses the same thread, another thread and another store object."""
+    other_store = SeenStore.open(db_path)
+    errors: list[BaseException] = []
+
+    def try_lock() -> None:
+        try:
+            with store.lock("acct"):
+                pass
+        except LockBusy as exc:
+            errors.append(exc)
+
+    with store.lock("acct"):
+        with pytest.raises(LockBusy):
+            store.lock("acct").__enter__()
+        with pytest.raises(LockBusy), other_store.lock("acct"):
+            pass
+        th = threading.Thread(target=try_lock)
+        th.start()
+        th.join()
+        with store.lock("other-account"):  # other accounts are independent
+            pass
+    assert len(errors) == 1
+    with other_store.lock("acct"):  # released
+        pass
+    other_store.close()
+
+
+def test_flock_alone_excludes_threads(store: SeenStore) -> None:
+    """Without the in-process registry, flock on separate descriptors still excludes."""
+    path = store.lock_dir / "x.lock"
+    with store._flock("x", path), pytest.raises(LockBusy), store._flock("x", path):
+        pass
+
+
+def _hold_lock(path: Path, ready: Connection) -> None:
+    """Child: take the lock, say so, and sleep until killed."""
+    with SeenStore.open(path) as s, s.lock("acct"):
+        ready.send("locked")
+        threading.Event().wait(60)
+
+
+def test_lock_across_processes_and_release_on_kill(store: SeenStore, db_path: Path) -> None:
+    """A lock held by another process raises LockBusy; kill -9 of the holder releases it."""
+    parent, child = CTX.Pipe(duplex=False)
+    proc = CTX.Process(target=_hold_lock, args=(db_path, child))
+    proc.start()
+    try:
+        assert parent.poll(30)
+        assert parent.recv() == "locked"
+        with pytest.raises(LockBusy, match="another process"), store.lock("acct"):
+            pass
+        lockfile = store.lock_dir / "acct.lock"
+        assert lockfile.read_text().strip() == str(proc.pid)
+        assert mode(lockfile) == 0o600
+        assert mode(store.lock_dir) == 0o700
+    finally:
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=30)
+    with store.lock("acct"):
+        pass
+
+
+@pytest.mark.parametrize("account", ["../evil", "a/b", "..", "x" * 500, "ünïcode"])
+def test_lock_files_stay_in_lock_dir(store: SeenStore, account: str) -> None:
+    """Any account name maps to one file directly inside locks/."""
+    with store.lock(account):
+        files = list(store.lock_dir.iterdir())
+    assert len(files) == 1
+    assert files[0].parent == store.lock_dir
+    assert len(files[0].name) < 256
