@@ -394,7 +394,12 @@ service anvil {{
 
     def messages(self, user: MailUser) -> list[bytes]:
         """Return the messages on the server now (new/ and cur/), in delivery order."""
-        files = [p for sub in ("new", "cur") for p in (user.maildir / sub).iterdir()]
-        # cur/ names carry a ":2,FLAGS" suffix; the base name keeps the order.
-        files.sort(key=lambda p: p.name.split(":", 1)[0])
-        return [p.read_bytes() for p in files]
+        for _attempt in range(10):
+            files = [p for sub in ("new", "cur") for p in (user.maildir / sub).iterdir()]
+            # cur/ names carry a ":2,FLAGS" suffix; the base name keeps the order.
+            files.sort(key=lambda p: p.name.split(":", 1)[0])
+            try:
+                return [p.read_bytes() for p in files]
+            except FileNotFoundError:
+                continue  # Dovecot moved a file from new/ to cur/ meanwhile; list again
+        raise DovecotError(f"{user.maildir} kept changing while being read")

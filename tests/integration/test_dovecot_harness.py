@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import pytest
 
-from devtools.dovecot import Dovecot, MailUser
+from devtools.dovecot import Dovecot, DovecotError, MailUser
 
 __all__: list[str] = []
 
@@ -175,3 +175,20 @@ def test_stop_kills_every_process(dovecot: Dovecot, own_server_root: Path) -> No
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((server.host, server.pop3_port), timeout=2)
     client.close()
+
+
+def test_extra_config_is_applied(dovecot: Dovecot, own_server_root: Path) -> None:
+    """extra_config is appended to the generated configuration and takes effect."""
+    with Dovecot(own_server_root, extra_config="login_greeting = harness says hi\n") as server:
+        client = poplib.POP3(server.host, server.pop3_port, timeout=10)
+        welcome = client.getwelcome()
+        client.quit()
+    assert welcome.startswith(b"+OK harness says hi <")
+
+
+def test_bad_config_fails_with_log_tail(dovecot: Dovecot, own_server_root: Path) -> None:
+    """A configuration Dovecot rejects raises DovecotError quoting Dovecot's complaint."""
+    server = Dovecot(own_server_root, extra_config="no_such_setting_xyz = 1\n")
+    with pytest.raises(DovecotError, match="no_such_setting_xyz"):
+        server.start()
+    assert not server.running
