@@ -59,7 +59,8 @@ class ReceiveBuffer:
         newline = data.find(b"\n", max(self._start, self._scanned))
         if newline == -1:
             self._scanned = len(data)
-            if len(data) - self._start > self.max_line:
+            # One octet of slack: it may be the CR of a line exactly max_line long.
+            if len(data) - self._start > self.max_line + 1:
                 raise RemoteProtocolError(
                     f"server sent a line longer than {self.max_line} octets without a line end"
                 )

@@ -105,15 +105,14 @@ def rpop(name: str | bytes) -> Command:
 
 
 def auth(mechanism: str, initial: bytes | None = None) -> Command:
-    args = (
-        (mechanism.upper().encode("ascii"),)
-        if initial is None
-        else (
-            mechanism.upper().encode("ascii"),
-            initial,
-        )
-    )
-    return Command(b"AUTH", args)
+    """AUTH with an optional initial response, already base64-encoded (RFC 5034)."""
+    if not mechanism.isascii():
+        raise LocalProtocolError(f"SASL mechanism names are ASCII, got {mechanism!r}")
+    name = mechanism.upper().encode("ascii")
+    if initial is None:
+        return Command(b"AUTH", (name,))
+    # RFC 5034 section 4: an empty initial response is sent as a single "=".
+    return Command(b"AUTH", (name, initial or b"="))
 
 
 def stat() -> Command:

@@ -29,7 +29,7 @@ from .events import (
     ScanListing,
     UidlListing,
 )
-from .state import ALLOWED, State, next_state
+from .state import ALLOWED, State, next_state, next_state_after_err
 
 __all__ = ["NEED_DATA", "ClientConnection", "NeedData", "parse_scan_line", "parse_uidl_line"]
 
@@ -56,8 +56,12 @@ def _status_text(line: bytes, prefix_len: int) -> str:
     return _decode(line[prefix_len:].lstrip(b" "))
 
 
+#: More digits than any message number or size; also keeps int() below its digit limit.
+_MAX_DIGITS = 20
+
+
 def _positive_int(token: bytes, what: str) -> int:
-    if not token.isdigit():
+    if not token.isdigit() or len(token) > _MAX_DIGITS:
         raise RemoteProtocolError(f"bad {what} in server reply: {token[:40]!r}")
     return int(token)
 
@@ -136,6 +140,11 @@ class ClientConnection:
         if self._broken is not None:
             raise LocalProtocolError("connection is broken after a protocol error")
         verb = command.verb
+        if any(pending.verb == b"STLS" for pending in self._outstanding):
+            # Anything sent before the handshake would travel (and be answered) in clear.
+            raise LocalProtocolError(
+                f"{verb.decode('ascii', 'replace')} sent while STLS is pending"
+            )
         if verb not in ALLOWED[self._predicted]:
             raise LocalProtocolError(
                 f"{verb.decode('ascii', 'replace')} is not allowed in the "
@@ -208,7 +217,7 @@ class ClientConnection:
             stamp = _TIMESTAMP_RE.search(line)
             return Greeting(_status_text(line, 3), stamp.group(0) if stamp else None, line)
         if line[:4].upper() == b"-ERR":
-            self._state = State.CLOSED
+            self._state = self._predicted = State.CLOSED
             raise server_error(b"", _status_text(line, 4))
         raise RemoteProtocolError(f"server greeting is not POP3: {line[:80]!r}")
 
@@ -217,7 +226,7 @@ class ClientConnection:
             if len(self._buffer):
                 raise RemoteProtocolError("server sent data that answers no command")
             if self._eof:
-                self._state = State.CLOSED
+                self._state = self._predicted = State.CLOSED
                 return ConnectionClosed()
             return NEED_DATA
         command = self._outstanding[0]
@@ -254,7 +263,8 @@ class ClientConnection:
         return Ok(command, _status_text(line, 3), line)
 
     def _on_err(self) -> None:
-        self._outstanding.popleft()
+        command = self._outstanding.popleft()
+        self._state = next_state_after_err(self._state, command.verb)
         # The optimistic state assumed success; recompute it from what is confirmed.
         predicted = self._state
         for pending in self._outstanding:

@@ -181,7 +181,10 @@ class ScramSha256:
         fields = _scram_fields(challenge)
         if "e" in fields:
             raise RemoteProtocolError(f"SCRAM: server reports error {fields['e']!r}")
-        signature = base64.b64decode(fields.get("v", ""))
+        try:
+            signature = base64.b64decode(fields.get("v", ""), validate=True)
+        except ValueError:
+            raise RemoteProtocolError("SCRAM: server signature is not base64") from None
         if not hmac.compare_digest(signature, self._server_signature):
             raise RemoteProtocolError("SCRAM: server signature does not match")
         return b""
@@ -191,6 +194,7 @@ class ScramSha256:
         try:
             nonce, salt = fields["r"], base64.b64decode(fields["s"])
             iterations = int(fields["i"])
+            wire_nonce = nonce.encode("ascii")  # a non-ASCII nonce is a server error
         except (KeyError, ValueError) as exc:
             raise RemoteProtocolError(f"SCRAM: malformed server-first message: {exc}") from None
         if not nonce.startswith(self._nonce) or iterations < 1:
@@ -198,7 +202,7 @@ class ScramSha256:
         salted = hashlib.pbkdf2_hmac("sha256", self._secret, salt, iterations)
         client_key = hmac.digest(salted, b"Client Key", "sha256")
         stored_key = hashlib.sha256(client_key).digest()
-        without_proof = b"c=biws,r=" + nonce.encode("ascii")
+        without_proof = b"c=biws,r=" + wire_nonce
         auth_message = self._first_bare + b"," + server_first + b"," + without_proof
         signature = hmac.digest(stored_key, auth_message, "sha256")
         proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))

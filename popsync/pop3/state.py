@@ -1,14 +1,14 @@
 """The one table of POP3 session states (RFC 1939 section 3, RFC 2449, RFC 5034, RFC 6856).
 
 Which commands a state allows, and where a ``+OK`` to each command leads. A ``-ERR``
-never changes the state. Everything else in the core asks this table.
+changes the state only for QUIT in TRANSACTION. Everything else in the core asks this table.
 """
 
 from __future__ import annotations
 
 import enum
 
-__all__ = ["ALLOWED", "State", "next_state"]
+__all__ = ["ALLOWED", "State", "next_state", "next_state_after_err"]
 
 
 class State(enum.Enum):
@@ -40,6 +40,18 @@ _ON_OK: dict[tuple[State, bytes], State] = {
 }
 
 
+# RFC 1939 section 6: after QUIT the server enters UPDATE and closes the connection
+# even when it answers "-ERR some deleted messages not removed".
+_ON_ERR: dict[tuple[State, bytes], State] = {
+    (State.TRANSACTION, b"QUIT"): State.UPDATE,
+}
+
+
 def next_state(state: State, verb: bytes) -> State:
     """Where a ``+OK`` to ``verb`` in ``state`` leads."""
     return _ON_OK.get((state, verb), state)
+
+
+def next_state_after_err(state: State, verb: bytes) -> State:
+    """Where a ``-ERR`` to ``verb`` in ``state`` leads."""
+    return _ON_ERR.get((state, verb), state)
