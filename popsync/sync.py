@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from popsync.client import Pop3Client
     from popsync.config import Account
     from popsync.maildir import TmpMessage
-    from popsync.seen import SeenStore
+    from popsync.seen import RunRecord, SeenStore
 
 __all__ = [
     "BATCH_BYTES",
@@ -411,6 +411,8 @@ def sync_account(
             result.recovered = recover(account.name, store, maildir, clock())
             if result.recovered:
                 log.info("recovered interrupted deliveries", count=result.recovered)
+            # Debris of a run killed mid-RETR; the spec's 36-hour rule keeps other agents' files.
+            maildir.cleanup_tmp(())
             secret = (secret_resolver or resolve_secret)(account)
             during_login = True
             client = _connect(account, secret)
@@ -431,10 +433,26 @@ def sync_account(
     result.duration = time.monotonic() - started
     _log_result(log, result)
     try:
-        store.record_run(account.name, result)
+        store.record_run(account.name, _record(result, clock()))
     except Exception as exc:  # a full disk must not hide the outcome
         log.error("could not record run", error=str(exc))
     return result
+
+
+def _record(result: RunResult, finished: float) -> RunRecord:
+    from popsync.seen import RunRecord
+
+    return RunRecord(
+        started=result.started,
+        finished=finished,
+        outcome=result.outcome,
+        fetched=result.fetched,
+        skipped=result.skipped,
+        deleted=result.deleted,
+        bytes_fetched=result.bytes,
+        messages_on_server=result.on_server if result.outcome == "ok" else None,
+        error=result.error,
+    )
 
 
 def _fail(result: RunResult, exc: Exception, during_login: bool) -> None:

@@ -1,0 +1,159 @@
+"""``popsync status`` and ``popsync healthcheck``: read-only views of the seen-store.
+
+Both read only the SQLite store, never the network, so they answer instantly and work
+while the daemon runs (WAL lets readers and the writer proceed together).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from popsync.config import Config
+    from popsync.seen import SeenStore
+
+__all__ = ["AccountStatus", "collect_status", "healthcheck", "render_status"]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountStatus:
+    """One row of ``popsync status``."""
+
+    account: str
+    host: str
+    enabled: bool
+    last_run: float | None
+    outcome: str | None
+    on_server: int | None
+    delivered: int
+    pending: int
+    deleted: int
+    last_fetched: int
+    failures: int
+    error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["last_run"] = _iso(self.last_run)
+        return data
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
+
+
+def collect_status(config: Config, store: SeenStore) -> list[AccountStatus]:
+    """One row per configured account, in config order."""
+    runs = store.last_runs()
+    rows = []
+    for name, account in config.accounts.items():
+        entries = store.entries(name).values()
+        run = runs.get(name)
+        rows.append(
+            AccountStatus(
+                account=name,
+                host=f"{account.host}:{account.port}",
+                enabled=account.enabled,
+                last_run=None if run is None else (run.finished or run.started),
+                outcome=None if run is None else run.outcome,
+                on_server=None if run is None else run.messages_on_server,
+                delivered=sum(1 for e in entries if e.state == "delivered"),
+                pending=sum(1 for e in entries if e.state == "pending"),
+                deleted=sum(1 for e in entries if e.deleted_at is not None),
+                last_fetched=0 if run is None else run.fetched,
+                failures=0 if run is None else run.consecutive_failures,
+                error=None if run is None else run.error,
+            )
+        )
+    return rows
+
+
+def _ago(stamp: float | None, now: float) -> str:
+    if stamp is None:
+        return "never"
+    seconds = max(0, int(now - stamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _cells(row: AccountStatus, now: float) -> list[str]:
+    outcome = row.outcome or "-"
+    if row.failures > 1:
+        outcome += f" (x{row.failures})"
+    return [
+        row.account + ("" if row.enabled else " (disabled)"),
+        row.host,
+        _ago(row.last_run, now),
+        outcome,
+        "-" if row.on_server is None else str(row.on_server),
+        str(row.delivered),
+        str(row.pending),
+        str(row.last_fetched),
+        row.error or "",
+    ]
+
+
+_HEADERS = [
+    "account",
+    "server",
+    "last run",
+    "outcome",
+    "on server",
+    "delivered",
+    "pending",
+    "last fetched",
+    "last error",
+]
+
+
+def render_status(rows: list[AccountStatus], stream: TextIO, *, now: float | None = None) -> None:
+    """A rich table on a terminal, aligned plain text otherwise (for scripts and logs)."""
+    now = time.time() if now is None else now
+    cells = [_cells(row, now) for row in rows]
+    if stream.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*_HEADERS, title="popsync accounts")
+        for row, line in zip(rows, cells, strict=True):
+            style = None if row.outcome in (None, "ok") else "red"
+            table.add_row(*line, style=style)
+        Console(file=stream).print(table)
+        return
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(_HEADERS)]
+    for line in [_HEADERS, *cells]:
+        stream.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+        stream.write("\n")
+
+
+def healthcheck(
+    config: Config, store: SeenStore, *, max_age: float | None = None, now: float | None = None
+) -> tuple[bool, str]:
+    """Healthy when some account ran within ``max_age`` and not every account is failing.
+
+    The default age is three of the longest intervals plus a minute: a daemon that misses
+    three polls in a row is stuck, whatever the cause.
+    """
+    now = time.time() if now is None else now
+    accounts = [a for a in config.accounts.values() if a.enabled]
+    if not accounts:
+        return False, "unhealthy: no enabled accounts"
+    limit = max_age if max_age is not None else 3 * max(a.interval for a in accounts) + 60
+    runs = store.last_runs()
+    mine = [runs[a.name] for a in accounts if a.name in runs]
+    if not mine:
+        return False, "unhealthy: no account has run yet"
+    newest = max((r.finished or r.started) for r in mine)
+    if now - newest > limit:
+        return False, f"unhealthy: no run for {int(now - newest)}s (limit {int(limit)}s)"
+    failing = [a.name for a in accounts if a.name in runs and not runs[a.name].ok]
+    if len(failing) == len(accounts):
+        return False, f"unhealthy: every account is failing ({', '.join(failing)})"
+    return True, f"healthy: {len(mine)} account(s) ran, {len(failing)} failing"
