@@ -9,7 +9,9 @@ bench/out/results-<timestamp>.md (``--write-results`` also copies it to bench/RE
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import json
 import os
 import platform
 import poplib
@@ -72,6 +74,7 @@ class Row:
     nbytes: int = 0
     runs: list[Measurement] = field(default_factory=list)
     verdicts: list[str] = field(default_factory=list)
+    oks: list[bool] = field(default_factory=list)
     failed: bool = False
     unavailable: str = ""
     measured_rss: bool = True
@@ -80,7 +83,13 @@ class Row:
         """Record one run; a failed verification marks the whole row FAILED."""
         self.runs.append(m)
         self.verdicts.append(verdict)
+        self.oks.append(ok)
         self.failed = self.failed or not ok
+
+    def good_runs(self) -> list[Measurement]:
+        """The runs that verified OK (all runs when none did, so a failure still shows)."""
+        good = [m for m, ok in zip(self.runs, self.oks, strict=True) if ok]
+        return good or self.runs
 
 
 @dataclass
@@ -447,6 +456,17 @@ def _order(row: Row) -> tuple[int, int]:
     return (4, 0) if row.tool.startswith("(") else (3, 0)
 
 
+def _verdict_cell(r: Row) -> str:
+    """ "OK (n runs)", or "FAILED k/n runs: why" (then the numbers are from the OK runs)."""
+    if not r.failed:
+        return f"{' / '.join(sorted(set(r.verdicts)))} ({len(r.runs)} runs)"
+    bad = sorted({v.removeprefix("FAILED: ") for v, ok in zip(r.verdicts, r.oks, strict=True)
+                  if not ok})  # fmt: skip
+    good = len(r.runs) - r.oks.count(False)
+    note = f"; stats from the {good} OK run(s)" if good else ""
+    return f"FAILED {r.oks.count(False)}/{len(r.runs)} runs: {' / '.join(bad)}{note}"
+
+
 def _table(result: ScenarioResult) -> list[str]:
     lines = [
         "| tool | wall s, median (min-max) | x mpop | CPU s (user+sys) | peak RSS MiB "
@@ -454,27 +474,23 @@ def _table(result: ScenarioResult) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     mpop = next((r for r in result.rows if r.tool == "mpop" and r.runs), None)
-    mpop_wall = statistics.median(m.wall for m in mpop.runs) if mpop else None
+    mpop_wall = statistics.median(m.wall for m in mpop.good_runs()) if mpop else None
     for r in sorted(result.rows, key=_order):
         if r.unavailable:
             lines.append(f"| {r.tool} | unavailable: {r.unavailable} | | | | | | |")
             continue
-        walls = [m.wall for m in r.runs]
+        runs = r.good_runs()
+        walls = [m.wall for m in runs]
         wall = statistics.median(walls) if walls else 0.0
         ratio = f"{wall / mpop_wall:.2f}" if mpop_wall and not r.tool.startswith("(") else ""
-        rss = _spread([m.maxrss_kib / 1024 for m in r.runs], ".1f") if r.measured_rss else "-"
+        rss = _spread([m.maxrss_kib / 1024 for m in runs], ".1f") if r.measured_rss else "-"
         # nothing transferred (scenario c, idle cycles): a rate would be meaningless
         rate = f"{r.messages / wall:,.0f}" if wall and r.nbytes else "-"
         mbs = f"{r.nbytes / wall / 1e6:.1f}" if wall and r.nbytes else "-"
-        verdicts = sorted(set(r.verdicts))
-        shown = "FAILED: " + " / ".join(v for v in verdicts if v.startswith("FAILED")) if (
-            r.failed
-        ) else " / ".join(verdicts)  # fmt: skip
-        shown = shown.replace("FAILED: FAILED: ", "FAILED: ")
         lines.append(
             f"| {r.tool} | {_spread(walls, '.3f')} | {ratio} | "
-            f"{_spread([m.cpu for m in r.runs], '.2f')} | {rss} | {rate} | {mbs} "
-            f"| {shown} ({len(r.runs)} runs) |"
+            f"{_spread([m.cpu for m in runs], '.2f')} | {rss} | {rate} | {mbs} "
+            f"| {_verdict_cell(r)} |"
         )
     return lines
 
@@ -521,6 +537,31 @@ def render(report: Report) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _raw(report: Report) -> str:
+    """Every measurement as JSON, for re-rendering or other statistics later."""
+    data = {
+        "command": report.options.command,
+        "started": report.started,
+        "machine": report.machine,
+        "storage": report.storage,
+        "scenarios": {
+            s.name: {
+                "notes": s.notes,
+                "rows": [
+                    {
+                        "tool": r.tool, "messages": r.messages, "bytes": r.nbytes,
+                        "unavailable": r.unavailable, "verdicts": r.verdicts, "ok": r.oks,
+                        "runs": [dataclasses.asdict(m) for m in r.runs],
+                    }
+                    for r in s.rows
+                ],
+            }
+            for s in report.scenarios
+        },
+    }  # fmt: skip
+    return json.dumps(data, indent=1)
+
+
 def _parse(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--scenarios", default="a,b,c,lat,scale")
@@ -558,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
     path = opts.out / f"results-{stamp}.md"
     path.write_text(text)
+    path.with_suffix(".json").write_text(_raw(report))
     print(text)
     _log(f"written to {path}")
     if opts.write_results:
