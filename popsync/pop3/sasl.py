@@ -17,6 +17,7 @@ from typing import Protocol
 from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "MAX_SCRAM_ITERATIONS",
     "MECHANISMS",
     "SASL_PREFERENCE",
     "CramMd5",
@@ -153,6 +154,11 @@ class OAuthBearer:
         return b"\x01"
 
 
+#: A hostile server could name a huge iteration count to make the client spin; real servers
+#: use 4096 to a few hundred thousand.
+MAX_SCRAM_ITERATIONS = 1_000_000
+
+
 def _scram_name(user: str) -> bytes:
     return _utf8(user).replace(b"=", b"=3D").replace(b",", b"=2C")
 
@@ -197,7 +203,7 @@ class ScramSha256:
             wire_nonce = nonce.encode("ascii")  # a non-ASCII nonce is a server error
         except (KeyError, ValueError) as exc:
             raise RemoteProtocolError(f"SCRAM: malformed server-first message: {exc}") from None
-        if not nonce.startswith(self._nonce) or iterations < 1:
+        if not nonce.startswith(self._nonce) or not 1 <= iterations <= MAX_SCRAM_ITERATIONS:
             raise RemoteProtocolError("SCRAM: server nonce or iteration count is invalid")
         salted = hashlib.pbkdf2_hmac("sha256", self._secret, salt, iterations)
         client_key = hmac.digest(salted, b"Client Key", "sha256")

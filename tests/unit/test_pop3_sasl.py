@@ -232,3 +232,14 @@ def test_preference_is_strongest_first() -> None:
     """auto tries SCRAM before CRAM-MD5 before the plaintext mechanisms."""
     assert sasl.SASL_PREFERENCE == ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN")
     assert set(sasl.SASL_PREFERENCE) < sasl.MECHANISMS
+
+
+def test_scram_refuses_huge_iteration_count() -> None:
+    """A server-first message with an absurd iteration count is refused before hashing."""
+    from popsync.pop3.errors import RemoteProtocolError
+    from popsync.pop3.sasl import MAX_SCRAM_ITERATIONS, ScramSha256
+
+    mech = ScramSha256("user", "pencil", nonce="abc")
+    server_first = f"r=abcdef,s=QSXCR+Q6sek8bf92,i={MAX_SCRAM_ITERATIONS + 1}".encode()
+    with pytest.raises(RemoteProtocolError, match="iteration"):
+        mech.step(server_first)
