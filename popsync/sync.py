@@ -33,14 +33,13 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from popsync.errors import ExitCode, LocalIOError, PopsyncError
-from popsync.maildir import Maildir, MessageMissing
+from popsync.maildir import Maildir, MessageMissing, TmpMessage
 from popsync.plan import Plan, Policy, plan_sync
 from popsync.pop3 import errors as pop3_errors
 
 if TYPE_CHECKING:
-    from popsync.client import Pop3Client
+    from popsync.client import Pop3Client, Sink
     from popsync.config import Account
-    from popsync.maildir import TmpMessage
     from popsync.seen import RunRecord, SeenStore
 
 __all__ = [
@@ -138,7 +137,8 @@ def classify_error(exc: BaseException, *, during_login: bool = False) -> ExitCod
         if isinstance(exc, pop3_errors.AuthFailed | pop3_errors.PermFailure) or during_login:
             return ExitCode.AUTH
         return ExitCode.PROTOCOL
-    if isinstance(exc, pop3_errors.RemoteProtocolError | pop3_errors.LocalProtocolError):
+    # Malformed bytes, a message larger than its LIST size said, a refused plaintext login.
+    if isinstance(exc, pop3_errors.Pop3Error):
         return ExitCode.PROTOCOL
     if isinstance(exc, OSError):
         return ExitCode.LOCAL_IO
@@ -233,8 +233,13 @@ def _fetch(
     maildir: Maildir,
     stop: threading.Event | None,
     progress: Callable[[int], None],
+    max_size: int | None,
 ) -> None:
-    """Stream every planned message into tmp/, committing in batches; clean up on failure."""
+    """Stream every planned message into tmp/, committing in batches; clean up on failure.
+
+    ``max_size`` guards against a server whose LIST understated a size (or gave none):
+    the RETR is cut off instead of filling the disk.
+    """
     uidl_of = {msgnum: uidl for msgnum, uidl, _ in plan.fetch}
     current: list[TmpMessage] = []
 
@@ -245,13 +250,16 @@ def _fetch(
         current.append(tmp)
         return tmp
 
-    def on_done(msgnum: int, tmp: TmpMessage, size: int) -> None:
-        current.remove(tmp)
-        batcher.add(uidl_of[msgnum], tmp)
+    def on_done(msgnum: int, sink: Sink, size: int) -> None:
+        assert isinstance(sink, TmpMessage)
+        current.remove(sink)
+        batcher.add(uidl_of[msgnum], sink)
         progress(size)
 
     try:
-        client.retr_many([msgnum for msgnum, _, _ in plan.fetch], sink_factory, on_done)
+        client.retr_many(
+            [msgnum for msgnum, _, _ in plan.fetch], sink_factory, on_done, max_size=max_size
+        )
     except BaseException:
         # A half-received message must not survive anywhere; complete ones are kept.
         for tmp in current:
@@ -270,17 +278,17 @@ def _connect(account: Account, secret: str) -> Pop3Client:
     context = None
     if account.tls != "none":
         context = net.default_context(account.tls_ca_file, account.tls_verify)
+    # With tls="starttls" connect() itself does STLS (and fails before any credential
+    # is sent when the server does not offer it).
     client = Pop3Client.connect(
         account.host,
         account.port,
         tls=account.tls,
         context=context,
         timeout=account.timeout,
+        pipelining=account.pipelining != "off",
     )
     try:
-        if account.tls == "starttls":
-            assert context is not None
-            client.stls(context, account.host)
         caps = client.capabilities()
         if account.utf8 and "UTF8" in caps:
             client.utf8()
@@ -342,7 +350,7 @@ def _session(
                 progress(account.name, done[0], total, done[1])
 
         batcher = _Batcher(account.name, store, maildir, clock, result, deletable.add)
-        _fetch(client, plan, batcher, maildir, stop, tick)
+        _fetch(client, plan, batcher, maildir, stop, tick, account.max_message_size or None)
         if plan.forget:
             store.forget(account.name, plan.forget)
             result.forgotten = len(plan.forget)

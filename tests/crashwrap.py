@@ -1,0 +1,170 @@
+"""Run ``popsync.cli.main`` in this process and SIGKILL it at a chosen step of a sync run.
+
+Usage (from the repository root)::
+
+    python -m tests.crashwrap --at STEP [--nth N] [--batch-messages M] -- --once -c FILE
+
+Steps (the durability order of ``popsync/sync.py``, each counted from 1 with ``--nth``):
+
+``tmp-fsync``   after the Nth message file in tmp/ was written, fsynced and closed
+``pending``     after the Nth ``add_pending`` transaction committed
+``rename``      after the Nth single rename into new/ (before new/ is fsynced)
+``new-fsync``   after the Nth fsync of new/ (before ``mark_delivered``)
+``delivered``   after the Nth ``mark_delivered`` transaction committed
+``dele``        after the Nth ``dele_many`` answered (before QUIT)
+``retr``        in the middle of a RETR: at the Nth write into a tmp file, the partial data
+                already on disk
+``random``      at the Nth hook event of any of the kinds above (writes included)
+``never``       no kill: a plain run, with the same ``--batch-messages``
+
+Everything is done by monkeypatching popsync's functions from outside; production code
+has no fault hooks. When the step is never reached the run finishes normally and the
+process exits with popsync's own exit code, so a caller can tell "killed" (-9) from "done".
+``--events FILE`` appends the name of every hook event to FILE (for choosing N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["STEPS", "CrashPlan", "install", "main"]
+
+STEPS = (
+    "tmp-fsync",
+    "pending",
+    "rename",
+    "new-fsync",
+    "delivered",
+    "dele",
+    "retr",
+    "random",
+    "never",
+)
+
+_KILL = signal.SIGKILL
+
+
+class CrashPlan:
+    """Counts hook events and kills the process at the chosen one."""
+
+    def __init__(self, step: str, nth: int, events: TextIO | None = None) -> None:
+        if step not in STEPS:
+            raise ValueError(f"unknown step {step!r}")
+        self.step = step
+        self.nth = nth
+        self.counts: dict[str, int] = {}
+        self.total = 0
+        self._events = events
+
+    def hit(self, kind: str, before_kill: Callable[[], None] | None = None) -> None:
+        """Record one event of ``kind``; SIGKILL ourselves if it is the chosen one."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.total += 1
+        if self._events is not None:
+            self._events.write(kind + "\n")
+            self._events.flush()
+        chosen = (self.step == kind and self.counts[kind] == self.nth) or (
+            self.step == "random" and self.total == self.nth
+        )
+        if chosen:
+            if before_kill is not None:
+                before_kill()
+            os.kill(os.getpid(), _KILL)
+
+
+def _after(plan: CrashPlan, kind: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``func`` so the event fires after it returned."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = func(*args, **kwargs)
+        plan.hit(kind)
+        return result
+
+    return wrapper
+
+
+def install(plan: CrashPlan) -> None:
+    """Patch popsync's Maildir, seen-store and client functions with the crash plan."""
+    from popsync import client, maildir, seen
+
+    tmp_cls = maildir.TmpMessage
+    orig_write = tmp_cls.write
+    orig_finish = tmp_cls.finish
+
+    def write(self: maildir.TmpMessage, data: bytes | bytearray | memoryview) -> int:
+        written = orig_write(self, data)
+        # Flush first so a mid-RETR kill leaves a real partial file, the hardest case.
+        plan.hit("retr", before_kill=self._flush if self._fd is not None else None)
+        return written
+
+    def finish(self: maildir.TmpMessage, *, fsync: bool = True) -> None:
+        was_open = not self.closed
+        orig_finish(self, fsync=fsync)
+        if was_open:
+            plan.hit("tmp-fsync")
+
+    tmp_cls.write = write  # type: ignore[method-assign]
+    tmp_cls.finish = finish  # type: ignore[method-assign]
+
+    orig_rename = os.rename
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        orig_rename(src, dst, *args, **kwargs)
+        if Path(dst).parent.name == "new":
+            plan.hit("rename")
+
+    maildir.os.rename = rename  # type: ignore[attr-defined]
+
+    orig_fsync_dir = maildir._fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        orig_fsync_dir(path)
+        if Path(path).name == "new":
+            plan.hit("new-fsync")
+
+    maildir._fsync_dir = fsync_dir
+
+    store_cls = seen.SeenStore
+    store_cls.add_pending = _after(plan, "pending", store_cls.add_pending)  # type: ignore[method-assign]
+    store_cls.mark_delivered = _after(plan, "delivered", store_cls.mark_delivered)  # type: ignore[method-assign]
+    client_cls = client.Pop3Client
+    client_cls.dele_many = _after(plan, "dele", client_cls.dele_many)  # type: ignore[method-assign]
+
+
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(prog="crashwrap")
+    parser.add_argument("--at", choices=STEPS, required=True)
+    parser.add_argument("--nth", type=int, default=1)
+    parser.add_argument("--batch-messages", type=int, default=None)
+    parser.add_argument("--events", type=Path, default=None)
+    return parser.parse_args(argv[:split]), argv[split + 1 :]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Install the crash plan, then run popsync with the arguments after ``--``."""
+    args, popsync_args = _parse(sys.argv[1:] if argv is None else argv)
+    from popsync import cli, sync
+
+    if args.batch_messages is not None:
+        sync.BATCH_MESSAGES = args.batch_messages
+    events = args.events.open("a", encoding="utf-8") if args.events is not None else None
+    install(CrashPlan(args.at, args.nth, events))
+    try:
+        return cli.main(popsync_args)
+    finally:
+        if events is not None:
+            events.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
