@@ -129,6 +129,8 @@ class Pop3Client:
         self.pipelining = pipelining
         self.pipeline_window = max(1, pipeline_window)
         self.utf8_enabled = False
+        #: The last single-line ``+OK`` (its ``raw`` line is what poplib returns).
+        self.last_ok: Ok | None = None
         self.welcome: Greeting = self._read_greeting()
 
     # ------------------------------------------------------------------ opening
@@ -269,7 +271,8 @@ class Pop3Client:
 
     def simple(self, command: Command) -> Ok:
         """Send a single-line command and return its ``+OK``."""
-        return self._expect(self.request(command), Ok)
+        self.last_ok = self._expect(self.request(command), Ok)
+        return self.last_ok
 
     def read_body_into(self, sink: Sink, max_size: int | None = None) -> int:
         """Stream the body after a :class:`MessageStart` into ``sink``; return its size.

@@ -24,7 +24,9 @@ from .errors import CertificateError, NetworkError, TlsError
 __all__ = [
     "DEFAULT_RECV_SIZE",
     "NetworkTimeout",
+    "SSLCertVerificationError",
     "SSLContext",
+    "SSLError",
     "Stream",
     "connect",
     "default_context",
@@ -33,8 +35,10 @@ __all__ = [
 #: Read size: large reads mean few system calls and few core calls per message.
 DEFAULT_RECV_SIZE = 256 * 1024
 
-#: Re-exported so other modules can type a context without importing :mod:`ssl`.
+#: Re-exported so other modules can name these without importing :mod:`ssl`.
 SSLContext = ssl.SSLContext
+SSLError = ssl.SSLError
+SSLCertVerificationError = ssl.SSLCertVerificationError
 
 
 class NetworkTimeout(NetworkError):
@@ -141,13 +145,14 @@ def connect(
     host: str,
     port: int,
     *,
-    timeout: float,
+    timeout: float | None,
     context: ssl.SSLContext | None,
     server_hostname: str | None = None,
 ) -> Stream:
     """Open a TCP connection (IPv4 or IPv6); with ``context``, do implicit TLS at once.
 
     ``server_hostname`` is the name the certificate must match; it defaults to ``host``.
+    ``timeout=None`` blocks forever (only for :mod:`popsync.poplib` compatibility).
     """
     where = _where(host, port)
     with _mapped(where, "connect", timeout):
