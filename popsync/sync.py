@@ -24,6 +24,8 @@ nothing and the next run sends the DELEs again.
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from popsync.errors import ExitCode, LocalIOError, PopsyncError
-from popsync.maildir import Maildir, MessageMissing, TmpMessage
+from popsync.maildir import Maildir, MessageMissing, TmpMessage, new_unique_name
 from popsync.plan import Plan, Policy, plan_sync
 from popsync.pop3 import errors as pop3_errors
 
@@ -50,6 +52,7 @@ __all__ = [
     "RunResult",
     "StopRequested",
     "classify_error",
+    "clean_debris",
     "recover",
     "sync_account",
 ]
@@ -180,6 +183,70 @@ def recover(account: str, store: SeenStore, maildir: Maildir, now: float) -> int
     return len(names)
 
 
+# ------------------------------------------------------------------------------ debris
+#: tmp/ names written by popsync (`popsync.maildir.new_unique_name`); other agents' differ.
+_OWN_TMP = re.compile(r"\d+\.M\d+P(?P<pid>\d+)Q\d+R[0-9a-f]{16}\.(?P<host>.+)")
+#: tmp/ files this process is writing or about to deliver, for every account's thread.
+_inflight: set[str] = set()
+_inflight_lock = threading.Lock()
+
+
+def _open_tmp(maildir: Maildir) -> TmpMessage:
+    """open_tmp() and register the name in one step, so clean_debris never sees it bare."""
+    with _inflight_lock:
+        tmp = maildir.open_tmp()
+        _inflight.add(tmp.name)
+    return tmp
+
+
+def _release(names: list[str]) -> None:
+    with _inflight_lock:
+        _inflight.difference_update(names)
+
+
+def _writer_gone(pid: int) -> bool:
+    """True when no process ``pid`` exists (a killed popsync run wrote the file)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by someone else
+    return False
+
+
+def clean_debris(maildir: Maildir, keep: set[str]) -> list[str]:
+    """Remove tmp/ files a killed popsync run left behind; return their names.
+
+    Only files named by popsync on this host are candidates: ones from a process that no
+    longer exists, or from this process but not in flight (a container restarts with
+    the same PID). Another delivery agent's files, and files of a live popsync, wait
+    for the maildir spec's 36-hour rule. Even a wrong guess cannot lose mail: a file
+    removed before its pending row is delivered is fetched again by the next run.
+    """
+    match = _OWN_TMP.fullmatch(new_unique_name(maildir.hostname))
+    assert match is not None
+    host = match["host"]
+    removed: list[str] = []
+    with _inflight_lock:
+        try:
+            names = [e.name for e in os.scandir(maildir.tmp) if e.is_file(follow_symlinks=False)]
+        except OSError as exc:
+            raise LocalIOError(f"cannot list {maildir.tmp}: {exc.strerror}") from exc
+        for name in names:
+            found = _OWN_TMP.fullmatch(name)
+            if found is None or found["host"] != host or name in keep:
+                continue
+            pid = int(found["pid"])
+            mine = pid == os.getpid()
+            if (mine and name not in _inflight) or (not mine and _writer_gone(pid)):
+                maildir.remove_tmp(name)
+                removed.append(name)
+    return removed
+
+
 # ----------------------------------------------------------------------------- batches
 class _Batcher:
     """Collects finished tmp messages and commits them in groups (steps 2-4)."""
@@ -242,11 +309,13 @@ def _fetch(
     """
     uidl_of = {msgnum: uidl for msgnum, uidl, _ in plan.fetch}
     current: list[TmpMessage] = []
+    opened: list[str] = []
 
     def sink_factory(msgnum: int) -> TmpMessage:
         if stop is not None and stop.is_set():
             raise StopRequested("stopping: shutdown requested")
-        tmp = maildir.open_tmp()
+        tmp = _open_tmp(maildir)
+        opened.append(tmp.name)
         current.append(tmp)
         return tmp
 
@@ -266,7 +335,11 @@ def _fetch(
             tmp.discard()
         batcher.commit()
         raise
-    batcher.commit()
+    else:
+        batcher.commit()
+    finally:
+        # Committed or discarded; a failed commit leaves pending rows for recover().
+        _release(opened)
 
 
 # ------------------------------------------------------------------------------ session
@@ -419,7 +492,11 @@ def sync_account(
             result.recovered = recover(account.name, store, maildir, clock())
             if result.recovered:
                 log.info("recovered interrupted deliveries", count=result.recovered)
-            # Debris of a run killed mid-RETR; the spec's 36-hour rule keeps other agents' files.
+            # Debris of a run killed mid-RETR or mid-batch; other agents' files get 36 hours.
+            pending = {e.name for e in store.entries(account.name).values() if e.state == "pending"}
+            debris = clean_debris(maildir, pending)
+            if debris:
+                log.info("removed tmp/ debris of an interrupted run", count=len(debris))
             maildir.cleanup_tmp(())
             secret = (secret_resolver or resolve_secret)(account)
             during_login = True

@@ -16,6 +16,7 @@ __all__ = [
     "REPO",
     "assert_exactly_once",
     "dovecot_account",
+    "dovecot_keys",
     "maildir_files",
     "maildir_messages",
     "make_message",
