@@ -280,7 +280,13 @@ class _Batcher:
         if not self._items:
             return
         items, self._items, self._bytes = self._items, [], 0
-        self._store.add_pending(self._account, [(u, t.name, t.size) for u, t in items])
+        try:
+            self._store.add_pending(self._account, [(u, t.name, t.size) for u, t in items])
+        except BaseException:
+            # Recorded nowhere, so nothing would ever deliver or remove them: no debris.
+            for _, tmp in items:
+                tmp.discard()
+            raise
         finals = self._maildir.deliver([t.name for _, t in items])
         self._store.mark_delivered(
             self._account,
