@@ -447,8 +447,10 @@ class _Deletable:
         self.fresh: list[tuple[int, bytes]] = []
 
     def add(self, uidl: bytes) -> None:
-        if self.enabled:
-            self.fresh.append((self._by_uidl[uidl], uidl))
+        # A duplicated UIDL is absent from _by_uidl: we cannot tell which copy DELE removes.
+        msgnum = self._by_uidl.get(uidl)
+        if self.enabled and msgnum is not None:
+            self.fresh.append((msgnum, uidl))
 
 
 def _after_delivery(account: Account, plan: Plan) -> _Deletable:
