@@ -737,3 +737,37 @@ def test_poplib_stls_injection_is_error_proto(serve: list[FakePop3Server]) -> No
     with pytest.raises(our_poplib.error_proto, match="injection"):
         conn.stls(server.client_context())
     server.check()
+
+
+def test_poplib_keeps_a_leading_cr(serve: list[FakePop3Server]) -> None:
+    """A line that starts with CR and ends in bare LF keeps its first octet (poplib drops it)."""
+    body = b"+OK\r\n\rstarts with CR\nnext\r\n.\r\n"
+    script: list[Step] = [
+        GREETING,
+        Expect(b"USER u", OK),
+        Expect(b"PASS p", OK),
+        Expect(b"RETR 1", body),
+    ]
+    server = start(serve, script, script)
+    results = []
+    for module in (our_poplib, std_poplib):
+        conn = module.POP3(server.host, server.port, timeout=5)
+        conn.user("u")
+        conn.pass_("p")
+        results.append(conn.retr(1)[1])
+        conn.close()
+    server.check()
+    assert results[0] == [b"\rstarts with CR", b"next"]
+    assert results[1] == [b"starts with CR", b"next"]  # the leading CR is lost
+
+
+def test_poplib_defaults_verify_and_time_out(serve: list[FakePop3Server]) -> None:
+    """POP3_SSL verifies the certificate by default; both classes default to a timeout."""
+    server = start(serve, [StartTLS(), GREETING])
+    with pytest.raises(our_poplib.CertificateError) as info:
+        our_poplib.POP3_SSL(server.host, server.port)  # the fake CA is not trusted
+    assert isinstance(info.value, net.SSLCertVerificationError)
+    server.close()
+    assert server.received == []
+    assert our_poplib.POP3.__init__.__defaults__ == (our_poplib.POP3_PORT, 60.0)
+    assert our_poplib.POP3_SSL.__init__.__kwdefaults__ == {"timeout": 60.0, "context": None}
