@@ -1,12 +1,13 @@
 """The long-running service: signals, reloads, systemd notifications around the scheduler.
 
-Signal handlers only set flags and wake the main thread; all work happens there, so a
-signal can never interrupt a half-written SQLite transaction or Maildir rename.
+Signal handlers only set flags and write a byte to a pipe the main thread waits on; all
+work happens there, so a signal can never interrupt a half-written SQLite transaction or
+Maildir rename, nor deadlock on a lock the main thread holds.
 
-* SIGTERM/SIGINT: stop scheduling, tell running jobs to stop at the next chunk (the
-  message in flight is abandoned cleanly: its tmp file is removed, nothing half-done is
-  recorded, and the server deletes nothing because no QUIT is sent), wait a bounded time,
-  exit 0.
+* SIGTERM/SIGINT: stop scheduling and tell running jobs to stop before their next message
+  (a run that stops commits what it has, sends no QUIT, so the server deletes nothing);
+  wait at most ``SHUTDOWN_TIMEOUT`` seconds, then exit 0. A job stuck on a stalled server
+  is abandoned at that point, which is as safe as kill -9 by the durability order.
 * SIGHUP: read the config again; add, remove or change jobs. A bad new config is logged
   and the old one kept.
 * SIGUSR1: poll every account now.
@@ -14,13 +15,19 @@ signal can never interrupt a half-written SQLite transaction or Maildir rename.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import os
+import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 
@@ -56,7 +63,7 @@ class Daemon:
         log_format: LogFormat | None = None,
         verbose: int = 0,
     ) -> None:
-        from popsync.scheduler import AccountScheduler
+        from popsync.scheduler import HEARTBEAT_EVERY, AccountScheduler
 
         self.config_path = config_path
         self.config = config
@@ -65,18 +72,30 @@ class Daemon:
         self.notifier = notifier or Notifier(None)
         self.log_format = log_format
         self.verbose = verbose
+        #: Set when shutdown begins; running jobs stop at the next message.
         self.stop_event = threading.Event()
-        self._wake = threading.Event()
+        #: False after a shutdown that had to leave a stalled job running.
+        self.clean = True
+        # Signal handlers run on the main thread between bytecodes, possibly while it holds
+        # a threading lock; so they only set flags and write to this pipe, never take a lock.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop_requested = False
         self._reload = False
         self._poll = False
         self._log = structlog.get_logger("popsync.daemon")
         self._results: dict[str, RunResult] = {}
+        self.watchdog = self.notifier.watchdog_interval()
+        beat = HEARTBEAT_EVERY if self.watchdog is None else min(HEARTBEAT_EVERY, self.watchdog / 4)
         self.scheduler: AccountScheduler = AccountScheduler(
-            self._run_account, max_workers=config.max_workers, on_result=self._record
+            self._run_account,
+            max_workers=config.max_workers,
+            on_result=self._record,
+            heartbeat_every=beat,
         )
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
+        """Route SIGTERM/SIGINT, SIGHUP and SIGUSR1 to this daemon (main thread only)."""
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
@@ -86,16 +105,42 @@ class Daemon:
         self.request_stop()
 
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
-        self._reload = True
-        self._wake.set()
+        self.request_reload()
 
     def _on_poll(self, signum: int, frame: FrameType | None) -> None:
-        self._poll = True
-        self._wake.set()
+        self.request_poll()
 
     def request_stop(self) -> None:
-        self.stop_event.set()
-        self._wake.set()
+        """Stop gracefully (what SIGTERM does); safe from any thread or signal handler."""
+        self._stop_requested = True
+        self._wake_up()
+
+    def request_reload(self) -> None:
+        """Reload the config file (what SIGHUP does)."""
+        self._reload = True
+        self._wake_up()
+
+    def request_poll(self) -> None:
+        """Poll every account now (what SIGUSR1 does)."""
+        self._poll = True
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        with contextlib.suppress(OSError):  # a full pipe is already awake
+            os.write(self._wake_w, b"\0")
+
+    def _sleep(self, timeout: float) -> None:
+        """Wait until woken or ``timeout`` passes; select() resumes after signals (PEP 475)."""
+        select.select([self._wake_r], [], [], timeout)
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    def close(self) -> None:
+        """Release the wake-up pipe."""
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     # ---------------------------------------------------------------------- jobs
     def _accounts(self, config: Config) -> dict[str, Account]:
@@ -109,14 +154,15 @@ class Daemon:
 
     def _record(self, result: RunResult) -> None:
         self._results[result.account] = result
-        self._wake.set()  # refresh the STATUS= line soon
+        self._wake_up()  # refresh the STATUS= line soon
 
     def status_line(self) -> str:
-        results = list(self._results.values())
-        total = len(self.scheduler.accounts)
+        """The ``STATUS=`` text for ``systemctl status``: counts and the first failure."""
+        accounts = self.scheduler.accounts
+        results = [r for name, r in list(self._results.items()) if name in accounts]
         failing = [r for r in results if r.outcome != "ok"]
         fetched = sum(r.fetched for r in results)
-        text = f"{total} account(s), {len(results)} synced, {len(failing)} failing"
+        text = f"{len(accounts)} account(s), {len(results)} synced, {len(failing)} failing"
         if failing:
             worst = failing[0]
             text += f" ({worst.account}: {worst.outcome})"
@@ -124,6 +170,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> ExitCode:
+        """Schedule every account and serve signals until asked to stop."""
         unknown = [n for n in self.only if n not in self.config.accounts]
         if unknown:
             raise ConfigError([f"--account {n}: no such account" for n in unknown])
@@ -133,13 +180,16 @@ class Daemon:
             "daemon started",
             accounts=sorted(self.scheduler.accounts),
             max_workers=self.config.max_workers,
+            watchdog=self.watchdog,
         )
         self.notifier.ready(self.status_line())
-        watchdog = self.notifier.watchdog_interval()
+        tick = _TICK if self.watchdog is None else min(_TICK, self.watchdog / 4)
         last_status = ""
-        while not self.stop_event.is_set():
-            self._wake.wait(_TICK if watchdog is None else min(_TICK, watchdog / 3))
-            self._wake.clear()
+        last_ping = -math.inf
+        while True:
+            self._sleep(tick)  # returns at once when a request is already waiting
+            if self._stop_requested:
+                break
             if self._reload:
                 self._reload = False
                 self.reload()
@@ -151,23 +201,36 @@ class Daemon:
             if line != last_status:
                 self.notifier.status(line)
                 last_status = line
-            if watchdog is not None and self.scheduler.heartbeat_age() < watchdog / 2:
-                self.notifier.watchdog()
+            last_ping = self._watchdog(last_ping)
         return self.shutdown()
 
+    def _watchdog(self, last_ping: float) -> float:
+        """Ping systemd's watchdog while the scheduler's heartbeat is fresh; return ping time."""
+        if self.watchdog is None:
+            return last_ping
+        now = time.monotonic()
+        fresh = self.scheduler.heartbeat_age() < self.watchdog / 2
+        if fresh and now - last_ping >= self.watchdog / 4:
+            self.notifier.watchdog()
+            return now
+        return last_ping
+
     def shutdown(self) -> ExitCode:
+        """Stop scheduling, let running jobs stop, wait at most SHUTDOWN_TIMEOUT seconds."""
+        self.stop_event.set()
         self.notifier.stopping()
         self._log.info("stopping")
         started = time.monotonic()
-        clean = self.scheduler.shutdown(SHUTDOWN_TIMEOUT)
+        self.clean = self.scheduler.shutdown(SHUTDOWN_TIMEOUT)
         self._log.info(
             "daemon stopped",
-            clean=clean,
+            clean=self.clean,
             seconds=round(time.monotonic() - started, 3),
         )
         return ExitCode.OK
 
     def reload(self) -> None:
+        """Apply the config file again; a bad one is logged and the running one kept."""
         from popsync.config import load_config
         from popsync.logconfig import configure_logging
 
@@ -182,10 +245,15 @@ class Daemon:
             )
             self.notifier.ready(self.status_line())
             return
-        if config.state_dir != self.config.state_dir:
-            self._log.warning("state_dir changes need a restart; keeping the old one")
+        for key in ("state_dir", "max_workers"):
+            if getattr(config, key) != getattr(self.config, key):
+                self._log.warning(f"{key} changes need a restart; keeping the old value")
         configure_logging(self.log_format or config.log_format, _level(config, self.verbose))
-        self.config = config
+        for warning in config.warnings:
+            self._log.warning("config warning", detail=warning)
+        self.config = config.model_copy(
+            update={"state_dir": self.config.state_dir, "max_workers": self.config.max_workers}
+        )
         added, removed, changed = self.scheduler.set_accounts(self._accounts(config))
         self._log.info("config reloaded", added=added, removed=removed, changed=changed)
         self.notifier.ready(self.status_line())
@@ -213,17 +281,38 @@ def run_daemon(
     for warning in config.warnings:
         log.warning("config warning", detail=warning)
     store = open_store(config)
+    daemon = Daemon(
+        config_path,
+        config,
+        store,
+        only=accounts,
+        notifier=Notifier.from_environ(unset=True),
+        log_format=log_format,
+        verbose=verbose,
+    )
+    daemon.install_signal_handlers()
     try:
-        daemon = Daemon(
-            config_path,
-            config,
-            store,
-            only=accounts,
-            notifier=Notifier.from_environ(unset=True),
-            log_format=log_format,
-            verbose=verbose,
-        )
-        daemon.install_signal_handlers()
-        return daemon.run()
-    finally:
+        code = daemon.run()
+    except BaseException:
+        daemon.close()
         store.close()
+        raise
+    daemon.close()
+    if not daemon.clean:
+        _abandon(code)
+    store.close()
+    return code
+
+
+def _abandon(code: ExitCode) -> NoReturn:
+    """Exit now although a stalled job still runs; interpreter exit would wait for it.
+
+    Safe by the durability order: whatever the job has committed is complete, and
+    anything it has not is repaired or fetched again by the next run, as after kill -9.
+    """
+    structlog.get_logger("popsync.daemon").warning("exiting with a stalled job abandoned")
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(int(code))

@@ -14,18 +14,21 @@ scheduler's own thread is alive even when every worker is busy.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from popsync.backoff import next_delay
+from popsync.errors import ExitCode
 
 if TYPE_CHECKING:
     from popsync.config import Account
@@ -54,15 +57,18 @@ class AccountScheduler:
         *,
         max_workers: int,
         on_result: Callable[[RunResult], None] | None = None,
+        heartbeat_every: float = HEARTBEAT_EVERY,
     ) -> None:
+        # APScheduler's own chatter is held at WARNING (DEBUG with -v) by popsync.logconfig,
+        # which also routes it through the structlog pipeline; nothing to set up here.
         self._run = run
         self._on_result = on_result
+        self._heartbeat_every = heartbeat_every
         self._accounts: dict[str, Account] = {}
         self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
         self._beat = time.monotonic()
-        # APScheduler logs every job start at INFO; our own per-run event says more.
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        self._log = structlog.get_logger("popsync.scheduler")
         self._scheduler = BackgroundScheduler(
             executors={
                 "default": ThreadPoolExecutor(max_workers),
@@ -76,7 +82,7 @@ class AccountScheduler:
     def start(self) -> None:
         self._scheduler.add_job(
             self._heartbeat,
-            IntervalTrigger(seconds=HEARTBEAT_EVERY, timezone=UTC),
+            IntervalTrigger(seconds=self._heartbeat_every, timezone=UTC),
             id=_HEARTBEAT_ID,
             executor="heartbeat",
         )
@@ -124,7 +130,10 @@ class AccountScheduler:
         removed = [n for n in old if n not in accounts]
         changed = [n for n in accounts if n in old and old[n] != accounts[n]]
         for name in removed:
-            self._scheduler.remove_job(name)
+            with contextlib.suppress(JobLookupError):
+                self._scheduler.remove_job(name)
+        for name in removed + changed:
+            # A changed account (say, a fixed password) starts without its old backoff.
             self._failures.pop(name, None)
         now = datetime.now(UTC)
         for name in added + changed:
@@ -146,9 +155,7 @@ class AccountScheduler:
         """Run every account as soon as a worker is free (SIGUSR1)."""
         now = datetime.now(UTC)
         for name in self.accounts:
-            job = self._scheduler.get_job(name)
-            if job is not None:
-                job.modify(next_run_time=now)
+            self._move(name, now)
 
     def next_run(self, name: str) -> datetime | None:
         job = self._scheduler.get_job(name)
@@ -159,21 +166,46 @@ class AccountScheduler:
         account = self.accounts.get(name)
         if account is None:  # removed by a reload while queued
             return
-        result = self._run(account)
+        result = self._run_safely(account)
+        if name not in self.accounts:  # removed by a reload while running
+            return
         failures = 0 if result.outcome == "ok" else self._failures.get(name, 0) + 1
         self._failures[name] = failures
         delay = next_delay(
             result.outcome, failures, account.interval, retry_after=result.retry_after
         )
         if delay != account.interval:
-            self._reschedule(name, delay)
+            self._move(name, datetime.now(UTC) + timedelta(seconds=delay))
+        if failures or delay != account.interval:
+            self._log.info(
+                "next run delayed" if delay != account.interval else "next run on schedule",
+                account=name,
+                outcome=result.outcome,
+                failures=failures,
+                delay=round(delay, 3),
+            )
         if self._on_result is not None:
             self._on_result(result)
 
-    def _reschedule(self, name: str, delay: float) -> None:
-        job = self._scheduler.get_job(name)
-        if job is not None:
-            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+    def _run_safely(self, account: Account) -> RunResult:
+        """Run one account; a bug in the run counts as a failed run, not a dead job."""
+        try:
+            return self._run(account)
+        except Exception as exc:
+            from popsync.sync import RunResult
+
+            self._log.exception("sync run crashed", account=account.name)
+            return RunResult(
+                account=account.name,
+                outcome="error",
+                exit_code=ExitCode.SOFTWARE,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    def _move(self, name: str, when: datetime) -> None:
+        """Set the job's next run time, unless a reload removed it meanwhile."""
+        with contextlib.suppress(JobLookupError):
+            self._scheduler.modify_job(name, next_run_time=when)
 
     def describe(self) -> dict[str, Any]:
         """Failures and next run per account, for status lines and tests."""
