@@ -14,6 +14,7 @@ from popsync.config import Account, Config, parse_config
 
 __all__ = [
     "REPO",
+    "TomlValue",
     "assert_exactly_once",
     "dovecot_account",
     "dovecot_keys",
