@@ -124,8 +124,39 @@ class Stream:
 
     def recv(self, size: int = DEFAULT_RECV_SIZE) -> bytes:
         """Return up to ``size`` bytes; ``b""`` means the server closed the connection."""
-        with _mapped(self.where, "receive", self._timeout):
-            return self._sock.recv(size)
+        try:
+            data = self._sock.recv(size)
+            if isinstance(self._sock, ssl.SSLSocket) and 0 < len(data) < size:
+                data = self._gather_records(data, size)
+        except OSError as exc:
+            with _mapped(self.where, "receive", self._timeout):
+                raise exc from None
+        return data
+
+    def _gather_records(self, first: bytes, size: int) -> bytes:
+        """Add the TLS records already received, without waiting for more.
+
+        An SSL read returns one record (often 4-16 KiB); collecting what is already
+        here means far fewer trips through the protocol core per megabyte.
+        """
+        sock = self._sock
+        chunks, total = [first], len(first)
+        sock.settimeout(0.0)
+        try:
+            while total < size:
+                try:
+                    more = sock.recv(size - total)
+                except OSError:
+                    # Nothing more yet; or an error (a ragged EOF, say) that the next
+                    # recv() reports: the bytes already read must not be lost.
+                    break
+                if not more:
+                    break
+                chunks.append(more)
+                total += len(more)
+        finally:
+            sock.settimeout(self._timeout)
+        return b"".join(chunks)
 
     def sendall(self, data: bytes) -> None:
         """Send all of ``data``."""
