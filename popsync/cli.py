@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from popsync import __version__
 from popsync.errors import ConfigError, ExitCode, PopsyncError
@@ -68,6 +68,14 @@ def worst_exit_code(codes: Sequence[ExitCode]) -> ExitCode:
 
 
 # ------------------------------------------------------------------------ arguments
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error; the sysexits ladder says 64 (EX_USAGE)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {message}\n")
+
+
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # Subcommands accept the same options; SUPPRESS keeps a top-level value from being
     # overwritten by the subparser's default.
@@ -96,7 +104,7 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="popsync",
         description=_DESCRIPTION,
         epilog=_EPILOG,

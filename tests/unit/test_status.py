@@ -1,0 +1,121 @@
+"""``popsync status`` rows and rendering, and the healthcheck verdicts, from a real seen-store."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from popsync.config import Config, parse_config
+from popsync.seen import RunRecord, SeenStore
+from popsync.status import collect_status, healthcheck, render_status
+
+NOW = 1_800_000_000.0
+
+
+def _config(tmp_path: Path) -> Config:
+    return parse_config(
+        f'state_dir = "{tmp_path / "state"}"\n'
+        '[defaults]\nusername = "u"\npassword = "hunter2-secret"\ninterval = "5m"\n'
+        f'[accounts.home]\nhost = "pop.home.invalid"\nmaildir = "{tmp_path / "home"}"\n'
+        f'[accounts.work]\nhost = "pop.work.invalid"\nport = 1995\nmaildir = "{tmp_path / "w"}"\n'
+        f'[accounts.old]\nhost = "pop.old.invalid"\nmaildir = "{tmp_path / "o"}"\nenabled = false\n'
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """Three accounts, one disabled."""
+    return _config(tmp_path)
+
+
+@pytest.fixture
+def store(config: Config) -> Iterator[SeenStore]:
+    """An empty seen-store in the config's state_dir."""
+    with SeenStore.open(config.state_dir / "popsync.sqlite3") as opened:
+        yield opened
+
+
+def _run(store: SeenStore, account: str, at: float, outcome: str = "ok", **kw: object) -> None:
+    store.record_run(account, RunRecord(started=at - 1, finished=at, outcome=outcome, **kw))  # type: ignore[arg-type]
+
+
+def test_rows_count_delivered_pending_and_last_run(config: Config, store: SeenStore) -> None:
+    """Each account's row shows its store counts and its last run."""
+    store.add_pending("home", [(b"u1", "t1", 10), (b"u2", "t2", 20), (b"u3", "t3", 30)])
+    store.mark_delivered("home", [(b"u1", "n1"), (b"u2", "n2")], NOW)
+    store.mark_deleted("home", [b"u1"], NOW)
+    _run(store, "home", NOW, fetched=2, messages_on_server=3)
+    _run(store, "work", NOW - 10, "temporary", error="[IN-USE] locked")
+    _run(store, "work", NOW - 5, "temporary", error="[IN-USE] locked")
+    rows = {row.account: row for row in collect_status(config, store)}
+    assert list(rows) == ["home", "work", "old"]
+    home, work, old = rows["home"], rows["work"], rows["old"]
+    assert (home.delivered, home.pending, home.deleted, home.on_server) == (2, 1, 1, 3)
+    assert (home.outcome, home.last_run, home.last_fetched, home.host) == (
+        "ok",
+        NOW,
+        2,
+        "pop.home.invalid:995",
+    )
+    assert (work.outcome, work.failures, work.error) == ("temporary", 2, "[IN-USE] locked")
+    assert (old.enabled, old.last_run, old.outcome) == (False, None, None)
+    assert home.as_dict()["last_run"] == "2027-01-15T08:00:00+00:00"
+    json.dumps([row.as_dict() for row in rows.values()])  # serialisable for --json
+
+
+def test_plain_rendering_is_an_aligned_table(config: Config, store: SeenStore) -> None:
+    """Off a terminal the table is plain aligned text with a header and no secrets."""
+    _run(store, "home", NOW - 125, fetched=4, messages_on_server=4)
+    _run(store, "work", NOW - 7200, "auth", error="[AUTH] Authentication failed.")
+    out = io.StringIO()
+    render_status(collect_status(config, store), out, now=NOW)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == [
+        "account", "server", "last", "run", "outcome", "on", "server",
+        "delivered", "pending", "last", "fetched", "last", "error",
+    ]  # fmt: skip
+    assert lines[1].split()[:4] == ["home", "pop.home.invalid:995", "2m", "ago"]
+    assert "[AUTH] Authentication failed." in lines[2]
+    assert "2h ago" in lines[2]
+    assert lines[3].split()[:4] == ["old", "(disabled)", "pop.old.invalid:995", "never"]
+    assert lines[0].index("outcome") == lines[1].index("ok")  # columns line up
+    assert "hunter2" not in out.getvalue()
+    assert "\x1b[" not in out.getvalue()
+
+
+def test_healthy_when_recent_and_not_all_failing(config: Config, store: SeenStore) -> None:
+    """One account ok and recent is enough."""
+    _run(store, "home", NOW - 30)
+    _run(store, "work", NOW - 30, "temporary")
+    healthy, reason = healthcheck(config, store, now=NOW)
+    assert healthy, reason
+    assert reason == "healthy: 2 account(s) ran, 1 failing"
+
+
+def test_unhealthy_before_any_run(config: Config, store: SeenStore) -> None:
+    """A store with no runs is not healthy."""
+    assert healthcheck(config, store, now=NOW) == (False, "unhealthy: no account has run yet")
+
+
+def test_unhealthy_when_stale(config: Config, store: SeenStore) -> None:
+    """No run for longer than 3 intervals + 60 s (or --max-age) is unhealthy."""
+    _run(store, "home", NOW - 961)
+    healthy, reason = healthcheck(config, store, now=NOW)
+    assert not healthy
+    assert reason == "unhealthy: no run for 961s (limit 960s)"
+    assert healthcheck(config, store, now=NOW - 2)[0]
+    assert not healthcheck(config, store, now=NOW - 800, max_age=100)[0]
+
+
+def test_unhealthy_when_every_enabled_account_fails(config: Config, store: SeenStore) -> None:
+    """Recent runs that all failed are unhealthy; a disabled account does not count."""
+    _run(store, "home", NOW - 5, "auth")
+    _run(store, "work", NOW - 5, "temporary")
+    _run(store, "old", NOW - 5)
+    healthy, reason = healthcheck(config, store, now=NOW)
+    assert not healthy
+    assert reason == "unhealthy: every account is failing (home, work)"
