@@ -610,8 +610,9 @@ class Pop3Client:
                 except ServerError as exc:
                     first_error = first_error or exc
         except BaseException:
-            if inflight:
-                self.close()  # replies still in flight: the session is out of step
+            if self._conn.outstanding:
+                # Replies (or the rest of a body) still unread: the session is out of step.
+                self.close()
             raise
         if first_error is not None:
             raise first_error

@@ -771,3 +771,27 @@ def test_poplib_defaults_verify_and_time_out(serve: list[FakePop3Server]) -> Non
     assert server.received == []
     assert our_poplib.POP3.__init__.__defaults__ == (our_poplib.POP3_PORT, 60.0)
     assert our_poplib.POP3_SSL.__init__.__kwdefaults__ == {"timeout": 60.0, "context": None}
+
+
+def test_sink_factory_failure_on_last_message_closes(serve: list[FakePop3Server]) -> None:
+    """If sink_factory raises for the last message, its unread body cannot desync the session."""
+    server = start(
+        serve,
+        [
+            GREETING,
+            Expect(b"USER bob", OK),
+            Expect(b"PASS pw", OK),
+            Expect(b"CAPA", capa(b"USER")),
+            Expect(b"RETR 1", b"+OK\r\nbody\r\n.\r\n"),
+        ],
+    )
+
+    def refuse(_n: int) -> io.BytesIO:
+        raise OSError("disk full")
+
+    with plain(server) as client:
+        login_plain(client, "user")
+        with pytest.raises(OSError, match="disk full"):
+            client.retr_many([1], refuse, lambda *_: None)
+        assert client.closed
+    server.check()
