@@ -12,9 +12,9 @@ Steps (the durability order of ``popsync/sync.py``, each counted from 1 with ``-
 ``new-fsync``   after the Nth fsync of new/ (before ``mark_delivered``)
 ``delivered``   after the Nth ``mark_delivered`` transaction committed
 ``dele``        after the Nth ``dele_many`` answered (before QUIT)
-``retr``        in the middle of a RETR: at the Nth write into a tmp file, the partial data
-                already on disk
-``random``      at the Nth hook event of any of the kinds above (writes included)
+``retr``        in the middle of the Nth message's RETR: at its first write into tmp/, that
+                partial data already on disk
+``random``      at the Nth hook event of any kind above, every write of a message included
 ``never``       no kill: a plain run, with the same ``--batch-messages``
 
 Everything is done by monkeypatching popsync's functions from outside; production code
@@ -101,8 +101,11 @@ def install(plan: CrashPlan) -> None:
 
     def write(self: maildir.TmpMessage, data: bytes | bytearray | memoryview) -> int:
         written = orig_write(self, data)
-        # Flush first so a mid-RETR kill leaves a real partial file, the hardest case.
-        plan.hit("retr", before_kill=self._flush if self._fd is not None else None)
+        # "retr" is the first write of each message, so --nth counts messages whatever the
+        # chunking; later writes are "write" events (for random kills). Flushing first
+        # leaves a real partial file behind, the hardest case.
+        kind = "retr" if self.size == written else "write"
+        plan.hit(kind, before_kill=self._flush if self._fd is not None else None)
         return written
 
     def finish(self: maildir.TmpMessage, *, fsync: bool = True) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -9,11 +11,13 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from popsync import sync as sync_module
 from popsync.config import Account, parse_config
 from popsync.errors import ExitCode, LocalIOError
+from popsync.maildir import Maildir, new_unique_name
 from popsync.plan import RESET_MIN_DELIVERED
 from popsync.seen import SeenStore
-from popsync.sync import RunResult, sync_account
+from popsync.sync import _OWN_TMP, RunResult, clean_debris, sync_account
 from tests.fake_pop3 import Close, Expect, FakePop3Server, Send, Stall, StartTLS, Step
 from tests.synchelp import make_message, toml_config
 
@@ -294,3 +298,41 @@ def test_quit_lost_means_deletes_are_sent_again(tmp_path: Path, store: SeenStore
     assert store.entries("acct")[b"u1"].deleted_at is not None
     assert (two.outcome, two.fetched, two.deleted) == ("ok", 0, 1)
     assert _files(tmp_path, "new") == [M1]
+
+
+def test_clean_debris_removes_only_files_of_dead_popsync_runs(tmp_path: Path) -> None:
+    """Debris of a dead or earlier popsync goes; live writers', kept and foreign files stay."""
+    md = Maildir(tmp_path / "Maildir")
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        live_pid = child.pid
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        host = _OWN_TMP.fullmatch(new_unique_name(md.hostname))
+        assert host is not None
+
+        def name(pid: int, serial: int) -> str:
+            return f"1700000000.M1P{pid}Q{serial}R{serial:016x}.{host['host']}"
+
+        files = {
+            "dead": name(gone.pid, 1),
+            "live": name(live_pid, 2),
+            "mine_stale": name(os.getpid(), 3),
+            "kept": name(gone.pid, 4),
+            "other_host": f"1700000000.M1P{gone.pid}Q5R{5:016x}.elsewhere",
+            "other_agent": "1700000000.P123.mailhost",
+        }
+        for file in files.values():
+            (md.tmp / file).write_bytes(b"partial")
+        in_flight = sync_module._open_tmp(md)
+        try:
+            removed = clean_debris(md, {files["kept"]})
+        finally:
+            in_flight.discard()
+            sync_module._release([in_flight.name])
+    finally:
+        child.kill()
+        child.wait()
+    assert sorted(removed) == sorted([files["dead"], files["mine_stale"]])
+    left = {p.name for p in md.tmp.iterdir()}
+    assert left == {files[k] for k in ("live", "kept", "other_host", "other_agent")}
