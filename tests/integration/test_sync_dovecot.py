@@ -224,3 +224,19 @@ def test_wrong_password_is_an_auth_failure(
     result = sync_account(account, store)
     assert (result.outcome, result.exit_code) == ("auth", ExitCode.AUTH)
     assert maildir_files(tmp_path / "Maildir") == []
+
+
+def test_progress_reports_every_delivered_message(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, store: SeenStore
+) -> None:
+    """The progress callback sees (account, done, total, bytes) after every message."""
+    messages = [make_message(i) for i in range(5)]
+    dovecot.deliver_many(mail_user, messages)
+    calls: list[tuple[str, int, int, int]] = []
+    account = _account(dovecot, mail_user, tmp_path)
+    result = sync_account(account, store, progress=lambda *args: calls.append(args))
+    assert result.outcome == "ok"
+    assert [c[1] for c in calls] == [1, 2, 3, 4, 5]
+    assert {c[0] for c in calls} == {"acct"}
+    assert {c[2] for c in calls} == {5}
+    assert calls[-1][3] == result.bytes == sum(len(m) for m in messages)

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from devtools.dovecot import Dovecot, MailUser
-from popsync.cli import main
+from popsync.cli import _ProgressBar, main
 from popsync.config import load_config
 from popsync.seen import SeenStore
 from popsync.sync import sync_account
@@ -273,3 +273,17 @@ def test_account_locked_by_another_process_exits_75(tmp_path: Path) -> None:
     assert "acct: FAILED (temporary)" in proc.stderr
     assert "already being synced by another process" in proc.stderr
     assert not (tmp_path / "Maildir").exists()
+
+
+def test_progress_bar_tracks_each_account_on_a_terminal() -> None:
+    """On a terminal the progress callback drives one rich task per account; else none."""
+    with _ProgressBar(enabled=False) as progress:
+        assert progress is None
+    bar = _ProgressBar(enabled=True)
+    with bar as progress:
+        assert progress is not None
+        progress("a", 1, 3, 100)
+        progress("b", 1, 1, 50)
+        progress("a", 3, 3, 300)
+        tasks = {t.description: (t.completed, t.total) for t in bar._bar.tasks}  # type: ignore[attr-defined]
+    assert tasks == {"a": (3, 3), "b": (1, 1)}
