@@ -550,9 +550,27 @@ class Pop3Client:
 
         self._pipeline(msgnums, make, read)
 
-    def dele_many(self, msgnums: Iterable[int]) -> None:
-        """Mark messages deleted (pipelined when possible); QUIT commits them."""
-        self._pipeline(msgnums, commands.dele, lambda _n: self._expect(self._next(), Ok))
+    def dele_many(
+        self, msgnums: Iterable[int], *, keep_going: bool = False
+    ) -> list[tuple[int, ServerError]]:
+        """Mark messages deleted (pipelined when possible); QUIT commits them.
+
+        By default the first ``-ERR`` stops new DELEs and is raised. With ``keep_going``
+        every DELE is sent and the refusals are returned as ``(msgnum, error)`` pairs, so
+        one message the server will not delete does not keep the others on it.
+        """
+        refused: list[tuple[int, ServerError]] = []
+
+        def read(msgnum: int) -> None:
+            try:
+                self._expect(self._next(), Ok)
+            except ServerError as exc:
+                if not keep_going:
+                    raise
+                refused.append((msgnum, exc))
+
+        self._pipeline(msgnums, commands.dele, read)
+        return refused
 
     def scan_many(self, msgnums: Iterable[int]) -> dict[int, int]:
         """``LIST n`` for each message (pipelined when possible); ``{n: size}``."""

@@ -396,6 +396,16 @@ def _login_delay(client: Pop3Client) -> float | None:
     return None
 
 
+def _retr_guard(account: Account) -> int | None:
+    """The size at which a RETR is cut off: the limit plus slack for LIST's own inexactness.
+
+    LIST sizes may differ a little from what RETR sends (Dovecot counts a message without a
+    final newline 2 octets short), so the guard only catches a server that lied grossly.
+    """
+    limit = account.max_message_size
+    return None if not limit else limit + limit // 10 + 65536
+
+
 def _listing(client: Pop3Client) -> list[tuple[int, bytes, int | None]]:
     uidls = client.uidl_listing()
     sizes = client.scan_listing()
@@ -434,7 +444,7 @@ def _session(
                 progress(account.name, done[0], total, done[1])
 
         batcher = _Batcher(account.name, store, maildir, clock, result, deletable.add)
-        _fetch(client, plan, batcher, maildir, stop, tick, account.max_message_size or None)
+        _fetch(client, plan, batcher, maildir, stop, tick, _retr_guard(account))
         if plan.forget:
             store.forget(account.name, plan.forget)
             result.forgotten = len(plan.forget)
@@ -475,12 +485,22 @@ def _delete(
 ) -> None:
     """DELE delivered messages and QUIT; the server commits the DELEs only on QUIT's +OK."""
     targets = sorted({*plan.delete, *deletable.fresh})
+    refused: set[int] = set()
     if targets:
-        client.dele_many([msgnum for msgnum, _ in targets])
+        # One refused DELE (a message another session removed, say) must not block the
+        # account forever: the others are still sent and QUIT commits them; a message
+        # still listed next time is planned for deletion again.
+        for msgnum, exc in client.dele_many([n for n, _ in targets], keep_going=True):
+            refused.add(msgnum)
+            structlog.get_logger("popsync.sync").warning(
+                "server refused a DELE", account=account.name, msgnum=msgnum, error=str(exc)
+            )
+            result.warnings.append(f"server refused DELE {msgnum}: {exc}")
     client.quit()
-    if targets:
-        store.mark_deleted(account.name, [uidl for _, uidl in targets], clock())
-        result.deleted = len(targets)
+    deleted = [uidl for msgnum, uidl in targets if msgnum not in refused]
+    if deleted:
+        store.mark_deleted(account.name, deleted, clock())
+        result.deleted = len(deleted)
 
 
 def sync_account(

@@ -190,8 +190,8 @@ def test_utf8_is_sent_before_login_when_offered(tmp_path: Path, store: SeenStore
 
 
 def test_message_larger_than_its_list_size_is_cut_off(tmp_path: Path, store: SeenStore) -> None:
-    """A server whose LIST understates a size cannot fill the disk past max_message_size."""
-    big = make_message(9, 50_000)
+    """A server whose LIST understates a size grossly is cut off near max_message_size."""
+    big = make_message(9, 200_000)  # far past 10 KB plus the guard's slack
     script = [
         *_login(),
         *_listing([(1, b"u1", 100)]),
@@ -336,3 +336,28 @@ def test_clean_debris_removes_only_files_of_dead_popsync_runs(tmp_path: Path) ->
     assert sorted(removed) == sorted([files["dead"], files["mine_stale"]])
     left = {p.name for p in md.tmp.iterdir()}
     assert left == {files[k] for k in ("live", "kept", "other_host", "other_agent")}
+
+
+def test_refused_dele_still_quits_and_commits_the_others(tmp_path: Path, store: SeenStore) -> None:
+    """A -ERR to one DELE is a warning: QUIT is still sent, so accepted DELEs take effect."""
+    script = [
+        *_login(),
+        *_listing([(1, b"u1", len(M1)), (2, b"u2", len(M2))]),
+        Expect(b"RETR 1", reply=_retr_reply(M1)),
+        Expect(b"RETR 2", reply=_retr_reply(M2)),
+        Expect(b"DELE 1", reply=b"-ERR message 1 already deleted\r\n"),
+        Expect(b"DELE 2", reply=b"+OK\r\n"),
+        Expect(b"QUIT", reply=b"+OK bye\r\n"),
+        Close(),
+    ]
+    with FakePop3Server(script, linger=0.1) as server:
+        result = _run(_account(tmp_path, server, delete="after_delivery"), store)
+    server.check()
+    assert result.outcome == "ok", result.error
+    assert result.deleted == 1
+    assert any("refused DELE 1" in w for w in result.warnings)
+    assert b"QUIT" in server.commands
+    entries = store.entries("acct")
+    assert entries[b"u1"].deleted_at is None
+    assert entries[b"u2"].deleted_at is not None
+    assert _files(tmp_path, "new") == [M1, M2]
