@@ -17,6 +17,7 @@ import platform
 import poplib
 import shlex
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -304,9 +305,12 @@ def _daemon_polls(
         row.add(Measurement(0, 0, 0, -1), f"FAILED: {exc} (see {run.work}/daemon.log)", False)
     finally:
         life = daemon.stop()
+        if daemon.skipped_polls:
+            result.notes.append(f"{daemon.skipped_polls} SIGUSR1 poll(s) dropped by the "
+                                "daemon's scheduler and re-sent")  # fmt: skip
         result.notes.append(
             f"popsync daemon: whole life CPU {life.cpu:.2f} s, peak RSS "
-            f"{life.maxrss_kib / 1024:.1f} MiB (wait4); polls triggered by SIGUSR1, timed to "
+            f"{life.maxrss_kib / 1024:.1f} MiB (VmHWM); polls triggered by SIGUSR1, timed to "
             f"the last {bench.opts.finished_event!r} log line"
         )
 
@@ -373,10 +377,13 @@ def _scale(bench: Bench) -> ScenarioResult:
         )
     finally:
         life = daemon.stop()
+        if daemon.skipped_polls:
+            result.notes.append(f"{daemon.skipped_polls} SIGUSR1 poll(s) dropped by the "
+                                "daemon's scheduler and re-sent")  # fmt: skip
         result.notes.append(
             f"{n} accounts on one daemon; CPU and peak RSS columns: the daemon during that cycle "
             f"(/proc); whole life: CPU {life.cpu:.2f} s, peak RSS "
-            f"{life.maxrss_kib / 1024:.1f} MiB (wait4)"
+            f"{life.maxrss_kib / 1024:.1f} MiB (VmHWM)"
         )
     return result
 
@@ -519,13 +526,16 @@ def render(report: Report) -> str:
         "into a Maildir; tools run as the unprivileged user `popbench` (via setpriv) when the "
         "harness is root. Tools interleaved A B C D, A B C D, ...; state and Maildir wiped "
         "before every first-fetch run.",
-        "- Wall time from spawn to exit; CPU and peak RSS from `wait4` (covers the tool and "
-        "every child it reaped, e.g. fetchmail's maildrop; peak RSS is that of the largest "
-        "process). Python tools run under the interpreter listed above.",
+        "- Wall time from spawn to exit; CPU (user+sys) from `wait4` (covers the tool and "
+        "every child it reaped, e.g. fetchmail's maildrop); peak RSS via GNU time's %M (the "
+        "largest process of the tool's tree; the harness's own wait4 would report the Python "
+        "parent's RSS, inherited at exec). Medians and (min-max) over the runs that verified "
+        "OK. Python tools run under the interpreter listed above.",
         "- Every run verified: each message exactly once, byte-identical after stripping the "
         "header fields the tool prepends (Received, Return-Path, Delivered-To). "
         '"converted EOL": the tool stores LF instead of the server\'s CRLF (mpop, getmail6, '
-        "fetchmail+maildrop do); anything else is FAILED.",
+        'fetchmail+maildrop do); "refolded headers": equal after RFC 5322 unfolding '
+        "(getmail6 re-wraps headers over 78 columns); anything else is FAILED.",
         "- Disk limit: the same files written in-process (tmp/ -> new/) with fsync of file and "
         "directory per message, fsync of the file only, and no fsync; no network.",
         "",
@@ -593,6 +603,8 @@ def _parse(argv: Sequence[str] | None) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; exit 1 when any run failed verification."""
     opts = _parse(argv)
+    # SIGTERM -> SystemExit, so the finally blocks unmount the image and stop Dovecot/daemons
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report = run_bench(opts)
     text = render(report)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
