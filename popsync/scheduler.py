@@ -67,6 +67,11 @@ class AccountScheduler:
         self._accounts: dict[str, Account] = {}
         self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
+        # APScheduler's shutdown(wait=True) holds its job-store lock while it waits for
+        # running jobs, so a job that reschedules itself then would deadlock it until the
+        # shutdown timeout. Jobs reschedule under _move_lock and only while not stopping.
+        self._move_lock = threading.Lock()
+        self._stopping = False
         self._beat = time.monotonic()
         self._log = structlog.get_logger("popsync.scheduler")
         self._scheduler = BackgroundScheduler(
@@ -96,6 +101,8 @@ class AccountScheduler:
             self._scheduler.shutdown(wait=True)
             done.set()
 
+        with self._move_lock:
+            self._stopping = True
         if self._scheduler.running:
             self._scheduler.pause()
             threading.Thread(target=wait, name="popsync-shutdown", daemon=True).start()
@@ -203,9 +210,10 @@ class AccountScheduler:
             )
 
     def _move(self, name: str, when: datetime) -> None:
-        """Set the job's next run time, unless a reload removed it meanwhile."""
-        with contextlib.suppress(JobLookupError):
-            self._scheduler.modify_job(name, next_run_time=when)
+        """Set the job's next run time, unless a reload removed it or shutdown began."""
+        with self._move_lock, contextlib.suppress(JobLookupError):
+            if not self._stopping:
+                self._scheduler.modify_job(name, next_run_time=when)
 
     def describe(self) -> dict[str, Any]:
         """Failures and next run per account, for status lines and tests."""

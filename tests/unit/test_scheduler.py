@@ -236,3 +236,27 @@ def test_shutdown_is_clean_when_idle(
     time.sleep(0.05)
     assert sched.shutdown(5.0) is True
     assert not sched.running
+
+
+def test_shutdown_is_not_blocked_by_a_job_that_reschedules_itself(
+    tmp_path: Path, make_scheduler: Callable[..., AccountScheduler]
+) -> None:
+    """A run finishing during shutdown with a backoff to apply lets shutdown finish cleanly."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def run(account: Account) -> RunResult:
+        started.set()
+        release.wait(WAIT)
+        return RunResult(account=account.name, retry_after=900.0)  # wants a reschedule
+
+    sched = make_scheduler(run)
+    sched.set_accounts(_accounts(tmp_path, "a"))
+    sched.start()
+    assert started.wait(WAIT)
+    timer = threading.Timer(0.2, release.set)
+    timer.start()
+    begin = time.monotonic()
+    assert sched.shutdown(3.0) is True
+    assert time.monotonic() - begin < 1.5
+    timer.join()
