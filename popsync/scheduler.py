@@ -67,6 +67,10 @@ class AccountScheduler:
         self._accounts: dict[str, Account] = {}
         self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Accounts whose run is in progress, and those polled (SIGUSR1) meanwhile: APScheduler
+        # would drop such a poll (max_instances=1), so it is replayed when the run ends.
+        self._running: set[str] = set()
+        self._repoll: set[str] = set()
         # APScheduler's shutdown(wait=True) holds its job-store lock while it waits for
         # running jobs, so a job that reschedules itself then would deadlock it until the
         # shutdown timeout. Jobs reschedule under _move_lock and only while not stopping.
@@ -159,10 +163,19 @@ class AccountScheduler:
         return added, removed, changed
 
     def poll_now(self) -> None:
-        """Run every account as soon as a worker is free (SIGUSR1)."""
+        """Run every account as soon as a worker is free (SIGUSR1).
+
+        An account that is running right now runs again as soon as it finishes, so mail
+        that arrived after its listing is not left waiting for a whole interval.
+        """
         now = datetime.now(UTC)
         for name in self.accounts:
-            self._move(name, now)
+            with self._lock:
+                running = name in self._running
+                if running:
+                    self._repoll.add(name)
+            if not running:
+                self._move(name, now)
 
     def next_run(self, name: str) -> datetime | None:
         job = self._scheduler.get_job(name)
@@ -173,7 +186,15 @@ class AccountScheduler:
         account = self.accounts.get(name)
         if account is None:  # removed by a reload while queued
             return
-        result = self._run_safely(account)
+        with self._lock:
+            self._running.add(name)
+        try:
+            result = self._run_safely(account)
+        finally:
+            with self._lock:
+                self._running.discard(name)
+                repoll = name in self._repoll
+                self._repoll.discard(name)
         if name not in self.accounts:  # removed by a reload while running
             return
         failures = 0 if result.outcome == "ok" else self._failures.get(name, 0) + 1
@@ -181,7 +202,9 @@ class AccountScheduler:
         delay = next_delay(
             result.outcome, failures, account.interval, retry_after=result.retry_after
         )
-        if delay != account.interval:
+        if repoll:
+            self._move(name, datetime.now(UTC))
+        elif delay != account.interval:
             self._move(name, datetime.now(UTC) + timedelta(seconds=delay))
         if failures or delay != account.interval:
             self._log.info(

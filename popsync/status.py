@@ -120,11 +120,13 @@ def render_status(rows: list[AccountStatus], stream: TextIO, *, now: float | Non
     if stream.isatty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(*_HEADERS, title="popsync accounts")
         for row, line in zip(rows, cells, strict=True):
             style = None if row.outcome in (None, "ok") else "red"
-            table.add_row(*line, style=style)
+            # Text, not str: rich would take "[AUTH]" or "[IN-USE]" in an error for markup.
+            table.add_row(*(Text(cell) for cell in line), style=style)
         Console(file=stream).print(table)
         return
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(_HEADERS)]

@@ -526,9 +526,6 @@ def test_in_use_backs_off_while_other_accounts_keep_syncing(
             backoff = daemon.wait_for(ev(message, account="busy"), after=mark)
             assert (backoff["failures"], backoff["delay"]) == (failures, delay)
             daemon.wait_for(synced("alice", fetched=1), after=mark)
-            # Let both jobs return: a poll while a run is still going is skipped
-            # (max_instances=1), as APScheduler's warning in the log would say.
-            time.sleep(0.3)
         assert daemon.stop()[0] == 0
     busy.check()
     assert busy.connections == 3  # only the runs we asked for: no hammering

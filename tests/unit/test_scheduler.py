@@ -260,3 +260,25 @@ def test_shutdown_is_not_blocked_by_a_job_that_reschedules_itself(
     assert sched.shutdown(3.0) is True
     assert time.monotonic() - begin < 1.5
     timer.join()
+
+
+def test_a_poll_during_a_run_is_replayed_after_it(
+    tmp_path: Path, runs: FakeRuns, make_scheduler: Callable[..., AccountScheduler]
+) -> None:
+    """SIGUSR1 while an account is mid-run makes it run again right after, not never."""
+    release = threading.Event()
+    in_run = threading.Event()
+
+    def run(account: Account) -> RunResult:
+        if not in_run.is_set():
+            in_run.set()
+            release.wait(WAIT)
+        return runs(account)
+
+    sched = make_scheduler(run)
+    sched.set_accounts(_accounts(tmp_path, "a"))
+    sched.start()
+    assert in_run.wait(WAIT)
+    sched.poll_now()
+    release.set()
+    runs.wait_count("a", 2)

@@ -119,3 +119,27 @@ def test_unhealthy_when_every_enabled_account_fails(config: Config, store: SeenS
     healthy, reason = healthcheck(config, store, now=NOW)
     assert not healthy
     assert reason == "unhealthy: every account is failing (home, work)"
+
+
+class _Terminal(io.StringIO):
+    """A text stream that claims to be a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_rendering_is_a_rich_table(
+    config: Config, store: SeenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal the same rows come out as a titled rich table."""
+    # Servers may send codes in lower case; rich must not take "[in-use]" for markup.
+    _run(store, "work", NOW - 5, "temporary", error="[in-use] locked")
+    monkeypatch.setenv("COLUMNS", "160")  # the width of a roomy terminal
+    out = _Terminal()
+    render_status(collect_status(config, store), out, now=NOW)
+    text = out.getvalue()
+    assert "popsync accounts" in text
+    assert "[in-use] locked" in text
+    assert any(ch in text for ch in "┃│|")  # drawn as a table, unlike the plain output
+    for name in ("home", "work", "old"):
+        assert name in text
