@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -42,6 +43,8 @@ _HEARTBEAT_ID = "__heartbeat__"
 #: Jitter is at most this share of the interval, and never more than a minute.
 _JITTER_SHARE = 0.1
 _MAX_JITTER = 60.0
+#: A poll skipped in the instant a run was ending is tried again this much later (seconds).
+_RETRY_SKIPPED = 0.05
 
 
 def _jitter(interval: float) -> int:
@@ -67,10 +70,13 @@ class AccountScheduler:
         self._accounts: dict[str, Account] = {}
         self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
-        # Accounts whose run is in progress, and those polled (SIGUSR1) meanwhile: APScheduler
-        # would drop such a poll (max_instances=1), so it is replayed when the run ends.
+        # APScheduler drops a run that is due while the account still runs (max_instances=1).
+        # For the interval that is right (coalescing), but a SIGUSR1 poll must not be lost:
+        # _repoll holds accounts polled mid-run, replayed when the run ends; _polled those
+        # whose poll is not served yet, retried if APScheduler skips it anyway.
         self._running: set[str] = set()
         self._repoll: set[str] = set()
+        self._polled: set[str] = set()
         # APScheduler's shutdown(wait=True) holds its job-store lock while it waits for
         # running jobs, so a job that reschedules itself then would deadlock it until the
         # shutdown timeout. Jobs reschedule under _move_lock and only while not stopping.
@@ -86,6 +92,7 @@ class AccountScheduler:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
+        self._scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES)
 
     # ------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -172,10 +179,21 @@ class AccountScheduler:
         for name in self.accounts:
             with self._lock:
                 running = name in self._running
-                if running:
-                    self._repoll.add(name)
+                (self._repoll if running else self._polled).add(name)
             if not running:
                 self._move(name, now)
+
+    def _on_skipped(self, event: JobSubmissionEvent) -> None:
+        """APScheduler skipped a due run because the previous one had not quite ended."""
+        name = event.job_id
+        with self._lock:
+            if name not in self._polled:
+                return  # an interval tick during a long run: coalesced, as intended
+            if name in self._running:
+                self._repoll.add(name)
+                return
+        # The run had left our code but APScheduler had not counted it out yet.
+        self._move(name, datetime.now(UTC) + timedelta(seconds=_RETRY_SKIPPED))
 
     def next_run(self, name: str) -> datetime | None:
         job = self._scheduler.get_job(name)
@@ -188,13 +206,22 @@ class AccountScheduler:
             return
         with self._lock:
             self._running.add(name)
+            self._polled.discard(name)  # this run serves any earlier poll
         try:
-            result = self._run_safely(account)
+            self._run_and_reschedule(name, account)
         finally:
             with self._lock:
                 self._running.discard(name)
                 repoll = name in self._repoll
                 self._repoll.discard(name)
+                if repoll:
+                    self._polled.add(name)
+            if repoll:
+                self._move(name, datetime.now(UTC))
+
+    def _run_and_reschedule(self, name: str, account: Account) -> None:
+        """One run, then the next run time by the backoff rules, then the result callback."""
+        result = self._run_safely(account)
         if name not in self.accounts:  # removed by a reload while running
             return
         failures = 0 if result.outcome == "ok" else self._failures.get(name, 0) + 1
@@ -202,9 +229,7 @@ class AccountScheduler:
         delay = next_delay(
             result.outcome, failures, account.interval, retry_after=result.retry_after
         )
-        if repoll:
-            self._move(name, datetime.now(UTC))
-        elif delay != account.interval:
+        if delay != account.interval:
             self._move(name, datetime.now(UTC) + timedelta(seconds=delay))
         if failures or delay != account.interval:
             self._log.info(
