@@ -34,6 +34,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -67,6 +68,23 @@ __all__ = [
 #: sooner. 64 messages made the per-message overhead vanish in bench scenario a.
 BATCH_MESSAGES = 64
 BATCH_BYTES = 16 * 1024 * 1024
+
+#: Threads that fsync finished tmp files while the next messages stream in. fsync
+#: releases the GIL, and concurrent fsyncs on one filesystem share journal commits
+#: (ext4/xfs group commit), so a batch costs about one flush instead of one per
+#: message. Shared by all accounts of a process.
+FSYNC_THREADS = 8
+_fsync_pool: ThreadPoolExecutor | None = None
+_fsync_pool_lock = threading.Lock()
+
+
+def _fsync_executor() -> ThreadPoolExecutor:
+    global _fsync_pool  # noqa: PLW0603 - one lazily created pool per process
+    with _fsync_pool_lock:
+        if _fsync_pool is None:
+            _fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="popsync-fsync")
+        return _fsync_pool
+
 
 Outcome = Literal["ok", "temporary", "auth", "protocol", "local_io", "config", "error"]
 
@@ -272,19 +290,37 @@ class _Batcher:
         self._result = result
         self._on_delivered = on_delivered
         self._items: list[tuple[bytes, TmpMessage]] = []
+        self._flushes: list[Future[None]] = []
         self._bytes = 0
 
     def add(self, uidl: bytes, tmp: TmpMessage) -> None:
-        tmp.finish(fsync=True)
+        # Step 1 runs in the background: write out, fsync and close the file while the
+        # next messages arrive. commit() waits for every flush before step 2.
+        self._flushes.append(_fsync_executor().submit(tmp.finish, fsync=True))
         self._items.append((uidl, tmp))
         self._bytes += tmp.size
         if len(self._items) >= BATCH_MESSAGES or self._bytes >= BATCH_BYTES:
             self.commit()
 
+    def _wait_for_flushes(self, items: list[tuple[bytes, TmpMessage]]) -> None:
+        flushes, self._flushes = self._flushes, []
+        failure: BaseException | None = None
+        for flush in flushes:
+            try:
+                flush.result()
+            except BaseException as exc:  # re-raised below, after cleanup
+                failure = failure or exc
+        if failure is not None:
+            # A file that is not durable must not be recorded; none of the batch is.
+            for _, tmp in items:
+                tmp.discard()
+            raise failure
+
     def commit(self) -> None:
         if not self._items:
             return
         items, self._items, self._bytes = self._items, [], 0
+        self._wait_for_flushes(items)
         try:
             self._store.add_pending(self._account, [(u, t.name, t.size) for u, t in items])
         except BaseException:
@@ -302,6 +338,26 @@ class _Batcher:
             self._result.fetched += 1
             self._result.bytes += tmp.size
             self._on_delivered(uidl)
+
+
+class _StoppableSink:
+    """A tmp message that gives up mid-RETR once a shutdown is requested.
+
+    The message in flight is then abandoned cleanly: the client drops the connection
+    (no QUIT, so the server deletes nothing) and the partial tmp file is discarded; the
+    next run fetches it again.
+    """
+
+    __slots__ = ("stop", "tmp")
+
+    def __init__(self, tmp: TmpMessage, stop: threading.Event) -> None:
+        self.tmp = tmp
+        self.stop = stop
+
+    def write(self, data: bytes, /) -> int:
+        if self.stop.is_set():
+            raise StopRequested("stopping: shutdown requested during a message")
+        return self.tmp.write(data)
 
 
 def _fetch(
@@ -322,18 +378,19 @@ def _fetch(
     current: list[TmpMessage] = []
     opened: list[str] = []
 
-    def sink_factory(msgnum: int) -> TmpMessage:
+    def sink_factory(msgnum: int) -> Sink:
         if stop is not None and stop.is_set():
             raise StopRequested("stopping: shutdown requested")
         tmp = _open_tmp(maildir)
         opened.append(tmp.name)
         current.append(tmp)
-        return tmp
+        return tmp if stop is None else _StoppableSink(tmp, stop)
 
     def on_done(msgnum: int, sink: Sink, size: int) -> None:
-        assert isinstance(sink, TmpMessage)
-        current.remove(sink)
-        batcher.add(uidl_of[msgnum], sink)
+        tmp = sink.tmp if isinstance(sink, _StoppableSink) else sink
+        assert isinstance(tmp, TmpMessage)
+        current.remove(tmp)
+        batcher.add(uidl_of[msgnum], tmp)
         progress(size)
 
     try:

@@ -30,6 +30,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -62,17 +63,23 @@ class CrashPlan:
         self.counts: dict[str, int] = {}
         self.total = 0
         self._events = events
+        self._lock = threading.Lock()
 
     def hit(self, kind: str, before_kill: Callable[[], None] | None = None) -> None:
-        """Record one event of ``kind``; SIGKILL ourselves if it is the chosen one."""
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.total += 1
-        if self._events is not None:
-            self._events.write(kind + "\n")
-            self._events.flush()
-        chosen = (self.step == kind and self.counts[kind] == self.nth) or (
-            self.step == "random" and self.total == self.nth
-        )
+        """Record one event of ``kind``; SIGKILL ourselves if it is the chosen one.
+
+        Events come from several threads (tmp files are fsynced by a pool), so counting
+        and choosing happen under one lock: two racing increments must not skip N.
+        """
+        with self._lock:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            self.total += 1
+            if self._events is not None:
+                self._events.write(kind + "\n")
+                self._events.flush()
+            chosen = (self.step == kind and self.counts[kind] == self.nth) or (
+                self.step == "random" and self.total == self.nth
+            )
         if chosen:
             if before_kill is not None:
                 before_kill()
