@@ -332,8 +332,31 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
     return _daemon(args)
 
 
+def _lean_structlog() -> None:
+    """Import structlog without rich when no terminal will show rich output.
+
+    structlog imports rich (for pretty tracebacks in its console renderer) whenever rich
+    is installed: about 40 ms and 4 MiB that JSON logs never use, paid by every
+    ``popsync --once`` from a timer. A ``None`` entry in ``sys.modules`` makes that
+    optional import fail as if rich were absent; rich itself stays importable for the
+    status table and the progress bar afterwards.
+    """
+    if "structlog" in sys.modules or sys.stderr.isatty() or sys.stdout.isatty():
+        return
+    saved = sys.modules.get("rich")
+    sys.modules["rich"] = None  # type: ignore[assignment]
+    try:
+        import structlog  # noqa: F401
+    finally:
+        if saved is None:
+            del sys.modules["rich"]
+        else:
+            sys.modules["rich"] = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``popsync`` console script."""
+    _lean_structlog()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

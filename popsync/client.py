@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -64,10 +65,10 @@ __all__ = [
 #: Seconds to wait for the server on connect and on every read.
 DEFAULT_TIMEOUT = 60.0
 
-#: Commands kept in flight when pipelining. Each is ~12 octets, so the whole window is
-#: far below any TCP send buffer: sending can never block while replies pile up
+#: Commands kept in flight when pipelining. Each is ~12 octets, so the whole window
+#: (about 3 KiB) is far below any TCP send buffer: sending can never block while replies pile up
 #: unread, which is the deadlock RFC 2449 section 6.6 warns about.
-DEFAULT_PIPELINE_WINDOW = 64
+DEFAULT_PIPELINE_WINDOW = 256
 
 #: RFC 2449 section 4: a command line, CRLF included, is at most 255 octets.
 _MAX_COMMAND = 255
@@ -129,6 +130,9 @@ class Pop3Client:
         self.pipelining = pipelining
         self.pipeline_window = max(1, pipeline_window)
         self.utf8_enabled = False
+        # Whether the server has said PIPELINING in any CAPA so far; survives the cache
+        # reset at login, so the post-login CAPA can itself be pipelined (RFC 2449).
+        self._pipelining_seen = False
         #: The last single-line ``+OK`` (its ``raw`` line is what poplib returns).
         self.last_ok: Ok | None = None
         self.welcome: Greeting = self._read_greeting()
@@ -320,8 +324,17 @@ class Pop3Client:
             except ServerError:
                 self._caps = {}
             else:
-                self._caps = dict(self._expect(event, Capabilities).caps)
-        return dict(self._caps)
+                self._remember_caps(self._expect(event, Capabilities).caps)
+        return dict(self._caps or {})
+
+    def _remember_caps(self, caps: dict[str, tuple[str, ...]]) -> None:
+        self._caps = dict(caps)
+        self._pipelining_seen = self._pipelining_seen or "PIPELINING" in caps
+
+    @property
+    def may_pipeline(self) -> bool:
+        """True when pipelining is enabled here and the server has announced PIPELINING."""
+        return self.pipelining and self._pipelining_seen
 
     def stls(self, context: net.SSLContext, server_hostname: str | None = None) -> str:
         """Upgrade the session with STLS (RFC 2595); return the ``+OK`` text.
@@ -381,9 +394,7 @@ class Pop3Client:
             self.utf8()
         choice = self._choose_mechanism(mechanism)
         if choice == "user":
-            # One at a time: pipelining is only allowed once CAPA said PIPELINING.
-            self.simple(commands.user(user))
-            text = self.simple(commands.pass_(secret)).text
+            text = self._user_pass(user, secret)
         elif choice == "apop":
             stamp = self.welcome.timestamp
             if stamp is None:
@@ -396,6 +407,46 @@ class Pop3Client:
             text = self._authenticate(choice, user, secret, oauth_two_step)
         self._caps = None  # servers announce more (PIPELINING, TOP) after login
         return text
+
+    def _user_pass(self, user: str, secret: str) -> str:
+        """USER then PASS; in one round trip when the server announced PIPELINING."""
+        if not (self.may_pipeline and "PIPELINING" in self.capabilities()):
+            self.simple(commands.user(user))
+            return self.simple(commands.pass_(secret)).text
+        self._send(commands.user(user), commands.pass_(secret))
+        try:
+            self._expect(self._next(), Ok)
+        except ServerError:
+            # PASS was refused along with USER; read its reply to stay in step.
+            with contextlib.suppress(ServerError):
+                self._next()
+            raise
+        self.last_ok = self._expect(self._next(), Ok)
+        return self.last_ok.text
+
+    def listings(self) -> tuple[list[tuple[int, bytes]], dict[int, int]]:
+        """UIDL and LIST (and CAPA, if not yet asked since login) in one round trip.
+
+        Sequential when the server never announced PIPELINING.
+        """
+        if not self.may_pipeline:
+            self.capabilities()
+            return self.uidl_listing(), self.scan_listing()
+        ask_caps = self._caps is None
+        self._send(*([commands.capa()] if ask_caps else []), commands.uidl(), commands.list_())
+        if ask_caps:
+            try:
+                self._remember_caps(self._expect(self._next(), Capabilities).caps)
+            except ServerError:
+                self._caps = {}
+        try:
+            uidls = list(self._expect(self._next(), UidlListing).entries)
+        except ServerError:
+            with contextlib.suppress(ServerError):
+                self._next()  # LIST's reply is still on its way: stay in step
+            raise
+        sizes = dict(self._expect(self._next(), ScanListing).entries)
+        return uidls, sizes
 
     def _choose_mechanism(self, mechanism: str) -> str:
         choice = mechanism.lower()

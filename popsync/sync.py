@@ -464,8 +464,7 @@ def _retr_guard(account: Account) -> int | None:
 
 
 def _listing(client: Pop3Client) -> list[tuple[int, bytes, int | None]]:
-    uidls = client.uidl_listing()
-    sizes = client.scan_listing()
+    uidls, sizes = client.listings()
     return [(msgnum, uidl, sizes.get(msgnum)) for msgnum, uidl in uidls]
 
 
@@ -482,8 +481,8 @@ def _session(
     log: structlog.typing.FilteringBoundLogger,
 ) -> None:
     try:
+        listing = _listing(client)  # also asks the post-login CAPA, pipelined
         result.retry_after = _login_delay(client)
-        listing = _listing(client)
         result.on_server = len(listing)
         plan = plan_sync(listing, store.entries(account.name), _policy(account), clock())
         for warning in plan.warnings:

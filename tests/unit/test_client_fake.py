@@ -286,6 +286,7 @@ class LockstepServer:
         self.messages = messages
         self.early = 0  # commands that arrived while an earlier one was unanswered
         self.commands: list[bytes] = []
+        self.followed: list[bytes] = []  # commands whose successor was already waiting
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -297,6 +298,12 @@ class LockstepServer:
             return self.caps
         if verb == b"RETR":
             return b"+OK\r\n" + self.messages[int(args[0]) - 1] + b".\r\n"
+        if verb in (b"UIDL", b"LIST") and not args:
+            body = b"".join(
+                b"%d %s\r\n" % (n, b"uid%d" % n if verb == b"UIDL" else b"%d" % len(m))
+                for n, m in enumerate(self.messages, 1)
+            )
+            return b"+OK\r\n" + body + b".\r\n"
         return OK
 
     def _run(self) -> None:
@@ -320,6 +327,7 @@ class LockstepServer:
                 sock.settimeout(5)
                 if buffer:
                     self.early += 1
+                    self.followed.append(line)
                 sock.sendall(self._reply(line))
                 if line == b"QUIT":
                     return
@@ -353,6 +361,27 @@ def test_pipelining_only_when_offered(offered: bool) -> None:
         assert server.early > 0
     else:
         assert server.early == 0
+
+
+@pytest.mark.parametrize("offered", [False, True])
+def test_login_and_listings_share_round_trips_when_pipelining(offered: bool) -> None:
+    """With PIPELINING, USER+PASS go together and CAPA+UIDL+LIST go together."""
+    messages = [b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n) for n in range(1, 4)]
+    caps = capa(b"USER", b"UIDL", b"PIPELINING") if offered else capa(b"USER", b"UIDL")
+    server = LockstepServer(caps, messages)
+    with Pop3Client.connect("127.0.0.1", server.port, tls="none", timeout=5) as client:
+        client.capabilities()
+        client.login("bob", "pw", mechanism="user", allow_plaintext=True)
+        uidls, sizes = client.listings()
+        client.quit()
+    server.join()
+    assert uidls == [(n, b"uid%d" % n) for n in range(1, 4)]
+    assert sizes == {n: len(m) for n, m in enumerate(messages, 1)}
+    assert server.commands == [b"CAPA", b"USER bob", b"PASS pw", b"CAPA", b"UIDL", b"LIST", b"QUIT"]
+    if offered:
+        assert server.followed == [b"USER bob", b"CAPA", b"UIDL"]
+    else:
+        assert server.followed == []
 
 
 def test_retr_many_error_finishes_inflight_then_raises(serve: list[FakePop3Server]) -> None:
