@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, NoReturn, Self, cast
+from typing import Literal, NoReturn, Self, TypeAlias, cast
 from urllib.parse import quote
 
 from popsync.errors import LocalIOError, LockBusy
@@ -164,6 +164,14 @@ def _secure_file(path: Path) -> None:
         os.close(fd)
 
 
+_SELECT_ENTRIES = (
+    "SELECT uidl, state, name, size, first_seen, delivered_at, deleted_at"
+    " FROM seen WHERE account = ?"
+)
+_SELECT_PENDING = _SELECT_ENTRIES + " AND state = 'pending'"
+_EntryRow: TypeAlias = tuple[bytes, SeenState, str, int | None, float, float | None, float | None]
+
+
 class SeenStore:
     """Seen UIDLs per account; open with `SeenStore.open(path)`."""
 
@@ -271,25 +279,16 @@ class SeenStore:
 
     def entries(self, account: str) -> dict[bytes, SeenEntry]:
         """Every row of one account, keyed by UIDL."""
-        rows = self._query(
-            "read entries",
-            "SELECT uidl, state, name, size, first_seen, delivered_at, deleted_at"
-            " FROM seen WHERE account = ?",
-            (account,),
-        )
-        result: dict[bytes, SeenEntry] = {}
-        for uidl, state, name, size, first_seen, delivered_at, deleted_at in rows:
-            key = bytes(cast("bytes", uidl))
-            result[key] = SeenEntry(
-                uidl=key,
-                state=cast("SeenState", state),
-                name=cast("str", name),
-                size=cast("int | None", size),
-                first_seen=cast("float", first_seen),
-                delivered_at=cast("float | None", delivered_at),
-                deleted_at=cast("float | None", deleted_at),
-            )
-        return result
+        return self._entries(_SELECT_ENTRIES, account)
+
+    def pending(self, account: str) -> dict[bytes, SeenEntry]:
+        """The pending rows of one account (what recovery looks at), keyed by UIDL."""
+        return self._entries(_SELECT_PENDING, account)
+
+    def _entries(self, sql: str, account: str) -> dict[bytes, SeenEntry]:
+        rows = cast("list[_EntryRow]", self._query("read entries", sql, (account,)))
+        # Positional construction: this runs once per message on every poll.
+        return {bytes(row[0]): SeenEntry(bytes(row[0]), *row[1:]) for row in rows}
 
     def add_pending(
         self,

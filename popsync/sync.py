@@ -188,7 +188,7 @@ def recover(account: str, store: SeenStore, maildir: Maildir, now: float) -> int
     crash already moved (or a reader moved on to cur/) keeps its place. A pending row
     whose file is nowhere is dropped, so the message is fetched again.
     """
-    pending = {e.name: e.uidl for e in store.entries(account).values() if e.state == "pending"}
+    pending = {e.name: e.uidl for e in store.pending(account).values()}
     if not pending:
         return 0
     names = list(pending)
@@ -299,28 +299,44 @@ class _Batcher:
         self._flushes.append(_fsync_executor().submit(tmp.finish, fsync=True))
         self._items.append((uidl, tmp))
         self._bytes += tmp.size
-        if len(self._items) >= BATCH_MESSAGES or self._bytes >= BATCH_BYTES:
+        # A failed flush (disk full) ends the batch early, so the run stops downloading.
+        failed = any(f.done() and f.exception() is not None for f in self._flushes)
+        if failed or len(self._items) >= BATCH_MESSAGES or self._bytes >= BATCH_BYTES:
             self.commit()
 
-    def _wait_for_flushes(self, items: list[tuple[bytes, TmpMessage]]) -> None:
+    def _wait_for_flushes(
+        self, items: list[tuple[bytes, TmpMessage]]
+    ) -> tuple[list[tuple[bytes, TmpMessage]], BaseException | None]:
+        """Wait for the batch's flushes; return the durable items and the first failure.
+
+        A file whose flush failed (disk full, say) was already removed by ``finish``; the
+        others are durable and are still committed, so a full disk keeps what fits.
+        """
         flushes, self._flushes = self._flushes, []
+        durable: list[tuple[bytes, TmpMessage]] = []
         failure: BaseException | None = None
-        for flush in flushes:
+        for item, flush in zip(items, flushes, strict=True):
             try:
                 flush.result()
-            except BaseException as exc:  # re-raised below, after cleanup
+            except BaseException as exc:  # raised by commit() once the rest is recorded
                 failure = failure or exc
-        if failure is not None:
-            # A file that is not durable must not be recorded; none of the batch is.
-            for _, tmp in items:
-                tmp.discard()
-            raise failure
+                item[1].discard()
+            else:
+                durable.append(item)
+        return durable, failure
 
     def commit(self) -> None:
         if not self._items:
             return
         items, self._items, self._bytes = self._items, [], 0
-        self._wait_for_flushes(items)
+        items, failure = self._wait_for_flushes(items)
+        if items:
+            self._record(items)
+        if failure is not None:
+            raise failure
+
+    def _record(self, items: list[tuple[bytes, TmpMessage]]) -> None:
+        """Steps 2-4 for durable tmp files."""
         try:
             self._store.add_pending(self._account, [(u, t.name, t.size) for u, t in items])
         except BaseException:
@@ -582,7 +598,7 @@ def sync_account(
             if result.recovered:
                 log.info("recovered interrupted deliveries", count=result.recovered)
             # Debris of a run killed mid-RETR or mid-batch; other agents' files get 36 hours.
-            pending = {e.name for e in store.entries(account.name).values() if e.state == "pending"}
+            pending = {e.name for e in store.pending(account.name).values()}
             debris = clean_debris(maildir, pending)
             if debris:
                 log.info("removed tmp/ debris of an interrupted run", count=len(debris))

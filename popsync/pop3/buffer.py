@@ -29,12 +29,13 @@ _COMPACT_AFTER = 256 * 1024
 class ReceiveBuffer:
     """Bytes received and not yet consumed, with the body reader's line-start state."""
 
-    __slots__ = ("_at_line_start", "_data", "_scanned", "_start", "max_line")
+    __slots__ = ("_at_line_start", "_data", "_listing_scanned", "_scanned", "_start", "max_line")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self._data = bytearray()
         self._start = 0
         self._scanned = 0  # everything before this offset is known to hold no LF
+        self._listing_scanned = 0  # the same for a listing's terminator
         self._at_line_start = True
         self.max_line = max_line
 
@@ -51,6 +52,7 @@ class ReceiveBuffer:
         if self._start >= _COMPACT_AFTER and self._start * 2 >= len(self._data):
             del self._data[: self._start]
             self._scanned -= self._start
+            self._listing_scanned = max(0, self._listing_scanned - self._start)
             self._start = 0
 
     def take_line(self) -> bytes | None:
@@ -71,6 +73,44 @@ class ReceiveBuffer:
         line = bytes(data[self._start : end])
         self._consume_to(newline + 1)
         return line
+
+    def take_listing(self) -> list[bytes] | None:
+        """Return every line of a dot-terminated listing (CAPA, LIST, UIDL), or None.
+
+        Called at the start of the listing's first line. The whole listing is found with
+        one search for the terminator and split in C, not line by line: a UIDL listing of
+        a large mailbox has tens of thousands of lines. Lines come back without their
+        line ends and dot-unstuffed; each is still limited to ``max_line`` octets.
+        """
+        data = self._data
+        start = self._start
+        if data.startswith(b".\r\n", start) or data.startswith(b".\n", start):
+            self._consume_to(start + (3 if data[start + 1] == _CR else 2))
+            return []
+        # Resume where the last search stopped (minus a terminator's length).
+        search = max(start, self._scanned - 4)
+        ends = [
+            hit for hit in (data.find(b"\n.\r\n", search), data.find(b"\n.\n", search)) if hit >= 0
+        ]
+        if not ends:
+            self._scanned = len(data)
+            last = data.rfind(b"\n", start)
+            if len(data) - (last + 1 if last >= 0 else start) > self.max_line:
+                raise RemoteProtocolError(
+                    f"server sent a line longer than {self.max_line} octets without a line end"
+                )
+            return None
+        hit = min(ends)
+        self._listing_scanned = 0
+        block = bytes(data[start : hit + 1])
+        self._consume_to(hit + (4 if data[hit + 2] == _CR else 3))
+        lines = block.replace(b"\r\n", b"\n").split(b"\n")
+        lines.pop()  # the empty piece after the last line end
+        if max(map(len, lines)) > self.max_line:
+            raise RemoteProtocolError(f"server sent a line longer than {self.max_line} octets")
+        if block.startswith(b".") or b"\n." in block:
+            lines = [line[1:] if line[:1] == b"." else line for line in lines]
+        return lines
 
     def start_body(self) -> None:
         """Begin a dot-terminated body: the next byte starts a line."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 from .buffer import DEFAULT_MAX_LINE, ReceiveBuffer
 from .commands import Command
@@ -88,6 +89,30 @@ def parse_uidl_line(line: bytes) -> tuple[int, bytes]:
     if not uid or any(octet <= 0x20 or octet == 0x7F for octet in uid):
         raise RemoteProtocolError(f"bad unique id in UIDL line: {line[:80]!r}")
     return number, uid
+
+
+# The common case of each listing line, matched in C; anything else goes through the
+# careful per-line parser, which accepts the same lines and explains what is wrong.
+_SCAN_RE = re.compile(rb"[ \t]*([0-9]{1,20})[ \t]+([0-9]{1,20})(?:[ \t][^\n]*)?")
+_UIDL_RE = re.compile(rb"[ \t]*([0-9]{1,20})[ \t]+([\x21-\x7e\x80-\xff]+)[ \t]*")
+
+_T = TypeVar("_T", int, bytes)
+
+
+def _parse_all(
+    lines: list[bytes], pattern: re.Pattern[bytes], slow: Callable[[bytes], tuple[int, _T]]
+) -> tuple[tuple[int, _T], ...]:
+    out: list[tuple[int, _T]] = []
+    match = pattern.fullmatch
+    second_is_int = pattern is _SCAN_RE
+    for line in lines:
+        found = match(line)
+        if found is None:
+            out.append(slow(line))
+        else:
+            first, second = found.groups()
+            out.append((int(first), int(second) if second_is_int else second))  # type: ignore[arg-type]
+    return tuple(out)
 
 
 def _parse_capabilities(lines: list[bytes]) -> dict[str, tuple[str, ...]]:
@@ -274,15 +299,11 @@ class ClientConnection:
     def _read_listing_line(self) -> Event | NeedData | None:
         assert self._listing is not None
         command = self._outstanding[0]
-        line = self._buffer.take_line()
-        if line is None:
+        lines = self._buffer.take_listing()
+        if lines is None:
             return self._need(f"{command.verb.decode()} listing")
-        if line[:1] == b".":
-            if line == b".":
-                return self._finish_listing(command)
-            line = line[1:]
-        self._listing.append(line)
-        return None
+        self._listing = lines
+        return self._finish_listing(command)
 
     def _finish_listing(self, command: Command) -> Event:
         assert self._listing is not None
@@ -292,9 +313,10 @@ class ClientConnection:
         if command.verb == b"CAPA":
             return Capabilities(command, _parse_capabilities(lines), ok, tuple(lines))
         if command.verb == b"LIST":
-            entries = tuple(parse_scan_line(line) for line in lines)
-            return ScanListing(command, entries, ok, tuple(lines))
-        uid_entries = tuple(parse_uidl_line(line) for line in lines)
+            return ScanListing(
+                command, _parse_all(lines, _SCAN_RE, parse_scan_line), ok, tuple(lines)
+            )
+        uid_entries = _parse_all(lines, _UIDL_RE, parse_uidl_line)
         return UidlListing(command, uid_entries, ok, tuple(lines))
 
     def _read_body(self) -> Event | NeedData:
