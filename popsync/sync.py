@@ -291,18 +291,25 @@ class _Batcher:
         self._on_delivered = on_delivered
         self._items: list[tuple[bytes, TmpMessage]] = []
         self._flushes: list[Future[None]] = []
+        self._failed = False
         self._bytes = 0
 
     def add(self, uidl: bytes, tmp: TmpMessage) -> None:
         # Step 1 runs in the background: write out, fsync and close the file while the
         # next messages arrive. commit() waits for every flush before step 2.
-        self._flushes.append(_fsync_executor().submit(tmp.finish, fsync=True))
+        flush = _fsync_executor().submit(tmp.finish, fsync=True)
+        flush.add_done_callback(self._note_failure)
+        self._flushes.append(flush)
         self._items.append((uidl, tmp))
         self._bytes += tmp.size
         # A failed flush (disk full) ends the batch early, so the run stops downloading.
-        failed = any(f.done() and f.exception() is not None for f in self._flushes)
-        if failed or len(self._items) >= BATCH_MESSAGES or self._bytes >= BATCH_BYTES:
+        if self._failed or len(self._items) >= BATCH_MESSAGES or self._bytes >= BATCH_BYTES:
             self.commit()
+
+    def _note_failure(self, flush: Future[None]) -> None:
+        # Runs in the flush thread; a bool store is atomic and only ever set to True here.
+        if flush.exception() is not None:
+            self._failed = True
 
     def _wait_for_flushes(
         self, items: list[tuple[bytes, TmpMessage]]
@@ -313,6 +320,7 @@ class _Batcher:
         others are durable and are still committed, so a full disk keeps what fits.
         """
         flushes, self._flushes = self._flushes, []
+        self._failed = False
         durable: list[tuple[bytes, TmpMessage]] = []
         failure: BaseException | None = None
         for item, flush in zip(items, flushes, strict=True):
