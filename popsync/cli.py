@@ -93,7 +93,7 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
         "--verbose",
         action="count",
         default=0 if top else argparse.SUPPRESS,
-        help="more log output (-vv for protocol debugging, secrets are never logged)",
+        help="debug logging: session steps, plans, scheduler events (never secrets)",
     )
     parser.add_argument(
         "--log-format",

@@ -509,6 +509,14 @@ def _session(
         result.retry_after = _login_delay(client)
         result.on_server = len(listing)
         plan = plan_sync(listing, store.entries(account.name), _policy(account), clock())
+        log.debug(
+            "planned",
+            on_server=len(listing),
+            fetch=len(plan.fetch),
+            delete=len(plan.delete),
+            forget=len(plan.forget),
+            too_large=len(plan.too_large),
+        )
         for warning in plan.warnings:
             log.warning("plan warning", detail=warning)
             result.warnings.append(warning)
@@ -615,6 +623,11 @@ def sync_account(
             during_login = True
             client = _connect(account, secret)
             during_login = False
+            log.debug(
+                "logged in",
+                tls=client.tls_version or "none",
+                capabilities=sorted(client.capabilities()),
+            )
             _session(
                 account,
                 client,

@@ -361,3 +361,22 @@ def test_refused_dele_still_quits_and_commits_the_others(tmp_path: Path, store: 
     assert entries[b"u1"].deleted_at is None
     assert entries[b"u2"].deleted_at is not None
     assert _files(tmp_path, "new") == [M1, M2]
+
+
+def test_debug_log_shows_session_steps_and_plan(tmp_path: Path, store: SeenStore) -> None:
+    """At debug level a run logs its login (TLS, capabilities) and its plan, never the secret."""
+    script = [
+        *_login(),
+        *_listing([(1, b"u1", len(M1))]),
+        Expect(b"RETR 1", reply=_retr_reply(M1)),
+        Expect(b"QUIT", reply=b"+OK bye\r\n"),
+        Close(),
+    ]
+    with FakePop3Server(script, linger=0.1) as server, capture_logs() as logs:
+        result = _run(_account(tmp_path, server), store)
+    assert result.outcome == "ok", result.error
+    events = {entry["event"]: entry for entry in logs}
+    assert events["logged in"]["tls"].startswith("TLS")
+    assert "UIDL" in events["logged in"]["capabilities"]
+    assert (events["planned"]["on_server"], events["planned"]["fetch"]) == (1, 1)
+    assert PASSWORD not in repr(logs)
