@@ -130,6 +130,7 @@ class ClientConnection:
     def __init__(self, *, max_line: int = DEFAULT_MAX_LINE) -> None:
         self._buffer = ReceiveBuffer(max_line)
         self._outstanding: deque[Command] = deque()
+        self._stls_pending = False  # an STLS is outstanding: nothing may follow it
         self._state = State.AUTHORIZATION
         self._predicted = State.AUTHORIZATION
         self._greeted = False
@@ -165,7 +166,7 @@ class ClientConnection:
         if self._broken is not None:
             raise LocalProtocolError("connection is broken after a protocol error")
         verb = command.verb
-        if any(pending.verb == b"STLS" for pending in self._outstanding):
+        if self._stls_pending:
             # Anything sent before the handshake would travel (and be answered) in clear.
             raise LocalProtocolError(
                 f"{verb.decode('ascii', 'replace')} sent while STLS is pending"
@@ -177,6 +178,8 @@ class ClientConnection:
             )
         data = command.encode()
         self._outstanding.append(command)
+        if verb == b"STLS":
+            self._stls_pending = True
         self._predicted = next_state(self._predicted, verb)
         return data
 
@@ -281,6 +284,8 @@ class ClientConnection:
             return self._next_event()
         self._outstanding.popleft()
         self._state = next_state(self._state, command.verb)
+        if command.verb == b"STLS":
+            self._stls_pending = False
         if command.verb == b"STLS" and len(self._buffer):
             # Bytes that came with the STLS reply were sent in clear text before the
             # handshake and would be read as if protected: a STARTTLS injection.
@@ -289,6 +294,8 @@ class ClientConnection:
 
     def _on_err(self) -> None:
         command = self._outstanding.popleft()
+        if command.verb == b"STLS":
+            self._stls_pending = False
         self._state = next_state_after_err(self._state, command.verb)
         # The optimistic state assumed success; recompute it from what is confirmed.
         predicted = self._state
