@@ -18,9 +18,9 @@ spec relies on, but a container restarts with the same PID and a clock can jump 
 processes can agree on seconds, microseconds and PID. The per-process counter ``Q`` makes names
 from one process distinct no matter what the clock does, and ``R`` (64 random bits from
 `secrets`, the OS CSPRNG, drawn once per process and again in every fork child) makes names from
-different processes distinct even with an identical PID and clock. Finally tmp files are created with O_EXCL, so a collision
-is retried with a fresh name instead of overwriting. A UIDL never appears in a name: it may hold
-``/`` and other bytes the filesystem dislikes.
+different processes distinct even with an identical PID and clock. Finally tmp files are
+created with O_EXCL, so a collision is retried with a fresh name instead of overwriting. A UIDL
+never appears in a name: it may hold ``/`` and other bytes the filesystem dislikes.
 
 The hostname is escaped per Dovecot (``/`` -> ``\\057``, ``:`` -> ``\\072``) and we also escape
 ``,`` (``\\054``) so the unique part can always be recovered by cutting at the first ``,``.
