@@ -79,7 +79,7 @@ def _show_maildir(maildir: Path) -> None:
     print(f"\n{len(files)} message(s) in {maildir}/new:")
     for path in files[:10]:
         message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-        print(f"  {path.name[:48]:48}  {message['subject']}")
+        print(f"  {message['subject']!s:<20} {path.name}")
     if len(files) > 10:
         print(f"  ... and {len(files) - 10} more")
 
