@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from .errors import RemoteProtocolError
 
-__all__ = ["DEFAULT_MAX_LINE", "ReceiveBuffer"]
+__all__ = ["DEFAULT_MAX_LINE", "MAX_LISTING", "ReceiveBuffer"]
 
 #: The longest status or listing line accepted. RFC 2449 allows 512 octets for a
 #: response line; real CAPA and greeting lines stay far below this.
 DEFAULT_MAX_LINE = 16 * 1024
+
+#: The largest CAPA, LIST or UIDL listing accepted: a UIDL listing of a million messages
+#: is about 30 MB.
+MAX_LISTING = 256 * 1024 * 1024
 
 _LF = 0x0A
 _CR = 0x0D
@@ -88,12 +92,15 @@ class ReceiveBuffer:
             self._consume_to(start + (3 if data[start + 1] == _CR else 2))
             return []
         # Resume where the last search stopped (minus a terminator's length).
-        search = max(start, self._scanned - 4)
-        ends = [
-            hit for hit in (data.find(b"\n.\r\n", search), data.find(b"\n.\n", search)) if hit >= 0
-        ]
+        search = max(start, self._listing_scanned - 4)
+        ends = [data.find(b"\n.\r\n", search), data.find(b"\n.\n", search)]
+        ends = [hit for hit in ends if hit >= 0]
         if not ends:
-            self._scanned = len(data)
+            self._listing_scanned = len(data)
+            if len(data) - start > MAX_LISTING:
+                # Lines are limited one by one; the listing as a whole must be too, or a
+                # hostile server could grow memory without end.
+                raise RemoteProtocolError(f"server listing is larger than {MAX_LISTING} octets")
             last = data.rfind(b"\n", start)
             if len(data) - (last + 1 if last >= 0 else start) > self.max_line:
                 raise RemoteProtocolError(

@@ -167,3 +167,18 @@ def test_buffer_compacts_consumed_bytes() -> None:
     assert buf.read_body() == (b"", True)
     assert buf.take_line() == b"+OK"
     assert len(buf._data) < 1000  # memory is what is checked
+
+
+def test_listing_without_terminator_is_limited_as_a_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short lines without a terminating dot cannot grow a listing past MAX_LISTING."""
+    from popsync.pop3 import buffer as buffer_module
+    from popsync.pop3.buffer import ReceiveBuffer
+    from popsync.pop3.errors import RemoteProtocolError
+
+    monkeypatch.setattr(buffer_module, "MAX_LISTING", 1000)
+    buf = ReceiveBuffer()
+    buf.feed(b"1 uid\r\n" * 100)
+    assert buf.take_listing() is None
+    buf.feed(b"1 uid\r\n" * 100)
+    with pytest.raises(RemoteProtocolError, match="listing is larger"):
+        buf.take_listing()
