@@ -54,6 +54,7 @@ __all__ = [
     "TmpMessage",
     "base_name",
     "new_unique_name",
+    "sanitize_host",
 ]
 
 Location = Literal["tmp", "new", "cur"]
@@ -95,7 +96,7 @@ def _local_io(action: str) -> Iterator[None]:
         _raise_local(exc, action)
 
 
-def _sanitize_host(host: str) -> str:
+def sanitize_host(host: str) -> str:
     """Escape the characters that would break a maildir name."""
     host = host or "localhost"
     return host.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
@@ -123,7 +124,7 @@ def new_unique_name(hostname: str | None = None) -> str:
         count = next(_counter)
     ns = time.time_ns()
     seconds, usec = ns // 1_000_000_000, (ns // 1000) % 1_000_000
-    host = _sanitize_host(os.uname().nodename if hostname is None else hostname)
+    host = sanitize_host(os.uname().nodename if hostname is None else hostname)
     return f"{seconds}.M{usec}P{os.getpid()}Q{count}R{_process_random}.{host}"
 
 

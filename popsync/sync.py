@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from popsync.errors import ExitCode, LocalIOError, PopsyncError
-from popsync.maildir import Maildir, MessageMissing, TmpMessage, new_unique_name
+from popsync.maildir import Maildir, MessageMissing, TmpMessage, sanitize_host
 from popsync.plan import Plan, Policy, plan_sync
 from popsync.pop3 import errors as pop3_errors
 
@@ -249,9 +249,7 @@ def clean_debris(maildir: Maildir, keep: set[str]) -> list[str]:
     for the maildir spec's 36-hour rule. Even a wrong guess cannot lose mail: a file
     removed before its pending row is delivered is fetched again by the next run.
     """
-    match = _OWN_TMP.fullmatch(new_unique_name(maildir.hostname))
-    assert match is not None
-    host = match["host"]
+    host = sanitize_host(maildir.hostname)
     removed: list[str] = []
     with _inflight_lock:
         try:
@@ -506,6 +504,12 @@ def _session(
 ) -> None:
     try:
         listing = _listing(client)  # also asks the post-login CAPA, pipelined
+        # Logged only now: before the listing, reading capabilities would cost a round trip.
+        log.debug(
+            "logged in",
+            tls=client.tls_version or "none",
+            capabilities=sorted(client.capabilities()),
+        )
         result.retry_after = _login_delay(client)
         result.on_server = len(listing)
         plan = plan_sync(listing, store.entries(account.name), _policy(account), clock())
@@ -614,8 +618,8 @@ def sync_account(
             if result.recovered:
                 log.info("recovered interrupted deliveries", count=result.recovered)
             # Debris of a run killed mid-RETR or mid-batch; other agents' files get 36 hours.
-            pending = {e.name for e in store.pending(account.name).values()}
-            debris = clean_debris(maildir, pending)
+            # recover() has just resolved every pending row, so no tmp file is still owed.
+            debris = clean_debris(maildir, set())
             if debris:
                 log.info("removed tmp/ debris of an interrupted run", count=len(debris))
             maildir.cleanup_tmp(())
@@ -623,11 +627,6 @@ def sync_account(
             during_login = True
             client = _connect(account, secret)
             during_login = False
-            log.debug(
-                "logged in",
-                tls=client.tls_version or "none",
-                capabilities=sorted(client.capabilities()),
-            )
             _session(
                 account,
                 client,
