@@ -93,13 +93,15 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
         "--verbose",
         action="count",
         default=0 if top else argparse.SUPPRESS,
-        help="debug logging: session steps, plans, scheduler events (never secrets)",
+        help="debug logging: session steps, plans, job runs (never secrets); -vv adds the "
+        "scheduler's own debug lines",
     )
     parser.add_argument(
         "--log-format",
-        choices=("auto", "json", "console"),
+        choices=("auto", "json", "console", "journal"),
         default=default,
-        help="log format (default from config: auto = console on a terminal, JSON otherwise)",
+        help="log format (default from config: auto = journal lines when stderr is journald's, "
+        "console on a terminal, JSON otherwise)",
     )
 
 
@@ -187,7 +189,7 @@ def _setup_logging(config: Config, args: argparse.Namespace, *, quiet_on_tty: bo
     elif quiet_on_tty and sys.stderr.isatty():
         # On a terminal the progress bar and summary lines say what a person needs.
         level = "warning"
-    configure_logging(fmt, level)
+    configure_logging(fmt, level, scheduler_debug=args.verbose >= 2)
 
 
 def open_store(config: Config) -> SeenStore:
@@ -284,9 +286,16 @@ def _check_config(args: argparse.Namespace) -> ExitCode:
 
 
 def _status(args: argparse.Namespace) -> ExitCode:
-    from popsync.status import collect_status, render_status
+    from popsync.status import collect_status, daemon_line, render_status, state_dir_of
 
-    config = _load(args)
+    try:
+        config = _load(args)
+    except ConfigError:
+        # A broken file may be what the running daemon just rejected: say so, then fail.
+        daemon = daemon_line(state_dir_of(_config_path(args)))
+        if daemon is not None:
+            _say(sys.stderr, daemon[0])
+        raise
     store = open_store(config)
     try:
         rows = collect_status(config, store)
@@ -296,6 +305,11 @@ def _status(args: argparse.Namespace) -> ExitCode:
         _say(sys.stdout, json.dumps([row.as_dict() for row in rows], indent=2))
     else:
         render_status(rows, sys.stdout)
+    daemon = daemon_line(config.state_dir)
+    if daemon is not None:
+        text, problem = daemon
+        # With --json the line goes to stderr, so stdout stays one JSON document.
+        _say(sys.stderr if problem or args.json else sys.stdout, text)
     return ExitCode.OK
 
 

@@ -62,7 +62,7 @@ AuthMechanism = Literal[
 ]
 DeletePolicy = Literal["never", "after_delivery", "after_days"]
 Pipelining = Literal["auto", "on", "off"]
-LogFormat = Literal["auto", "json", "console"]
+LogFormat = Literal["auto", "json", "console", "journal"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 #: Exactly one of these supplies an account's password or token.

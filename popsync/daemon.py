@@ -9,7 +9,10 @@ Maildir rename, nor deadlock on a lock the main thread holds.
   wait at most ``SHUTDOWN_TIMEOUT`` seconds, then exit 0. A job stuck on a stalled server
   is abandoned at that point, which is as safe as kill -9 by the durability order.
 * SIGHUP: read the config again; add, remove or change jobs. A bad new config is logged
-  and the old one kept.
+  and the old one kept, and the rejection stays visible until a reload succeeds: in the
+  ``STATUS=`` line (``systemctl status``) and in ``state_dir/daemon.json``, which
+  ``popsync status`` reads. (The units' ``ExecReload=`` also runs ``popsync check-config``
+  first, so ``systemctl reload`` itself fails on a bad file.)
 * SIGUSR1: poll every account now.
 """
 
@@ -84,6 +87,8 @@ class Daemon:
         self._poll = False
         self._log = structlog.get_logger("popsync.daemon")
         self._results: dict[str, RunResult] = {}
+        #: (when, problems) of the last rejected reload; None once a reload succeeds.
+        self.reload_failure: tuple[float, list[str]] | None = None
         self.watchdog = self.notifier.watchdog_interval()
         beat = HEARTBEAT_EVERY if self.watchdog is None else min(HEARTBEAT_EVERY, self.watchdog / 4)
         self.scheduler: AccountScheduler = AccountScheduler(
@@ -166,7 +171,27 @@ class Daemon:
         if failing:
             worst = failing[0]
             text += f" ({worst.account}: {worst.outcome})"
-        return text + f"; last runs fetched {fetched} message(s)"
+        text += f"; last runs fetched {fetched} message(s)"
+        if self.reload_failure is not None:
+            problems = self.reload_failure[1]
+            first = problems[0] if problems else "invalid config"
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            text += f"; config reload REJECTED, running the previous config: {first}{more}"
+        return text
+
+    def _write_record(self) -> None:
+        """Publish pid and reload outcome for ``popsync status``; failure only logs."""
+        from popsync.statefile import write_daemon_record
+
+        failure = self.reload_failure
+        reload = None if failure is None else {"at": failure[0], "problems": failure[1]}
+        try:
+            write_daemon_record(
+                self.config.state_dir,
+                {"config": str(self.config_path), "reload_rejected": reload},
+            )
+        except OSError as exc:
+            self._log.warning("cannot write the daemon record", error=str(exc))
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> ExitCode:
@@ -182,6 +207,7 @@ class Daemon:
             max_workers=self.config.max_workers,
             watchdog=self.watchdog,
         )
+        self._write_record()
         self.notifier.ready(self.status_line())
         tick = _TICK if self.watchdog is None else min(_TICK, self.watchdog / 4)
         last_status = ""
@@ -222,6 +248,10 @@ class Daemon:
         self._log.info("stopping")
         started = time.monotonic()
         self.clean = self.scheduler.shutdown(SHUTDOWN_TIMEOUT)
+        from popsync.statefile import remove_daemon_record
+
+        with contextlib.suppress(OSError):
+            remove_daemon_record(self.config.state_dir)
         self._log.info(
             "daemon stopped",
             clean=self.clean,
@@ -243,12 +273,18 @@ class Daemon:
                 path=str(self.config_path),
                 problems=exc.problems,
             )
+            self.reload_failure = (time.time(), exc.problems)
+            self._write_record()
             self.notifier.ready(self.status_line())
             return
         for key in ("state_dir", "max_workers"):
             if getattr(config, key) != getattr(self.config, key):
                 self._log.warning(f"{key} changes need a restart; keeping the old value")
-        configure_logging(self.log_format or config.log_format, _level(config, self.verbose))
+        configure_logging(
+            self.log_format or config.log_format,
+            _level(config, self.verbose),
+            scheduler_debug=self.verbose >= 2,
+        )
         for warning in config.warnings:
             self._log.warning("config warning", detail=warning)
         self.config = config.model_copy(
@@ -256,6 +292,8 @@ class Daemon:
         )
         added, removed, changed = self.scheduler.set_accounts(self._accounts(config))
         self._log.info("config reloaded", added=added, removed=removed, changed=changed)
+        self.reload_failure = None
+        self._write_record()
         self.notifier.ready(self.status_line())
 
 
@@ -276,7 +314,9 @@ def run_daemon(
     from popsync.logconfig import configure_logging
 
     config = load_config(config_path)
-    configure_logging(log_format or config.log_format, _level(config, verbose))
+    configure_logging(
+        log_format or config.log_format, _level(config, verbose), scheduler_debug=verbose >= 2
+    )
     log = structlog.get_logger("popsync.daemon")
     for warning in config.warnings:
         log.warning("config warning", detail=warning)

@@ -1,5 +1,13 @@
 """structlog setup: JSON lines for machines, a readable console for people, secrets never.
 
+Three renderings: JSON lines (the default when stderr is a file or pipe, as under Docker), a
+console for an interactive terminal, and journal lines when stderr is connected to journald
+(``$JOURNAL_STREAM`` names stderr's device and inode, as systemd sets it for a unit with
+``StandardError=journal``). A journal line is ``<N>logger: event key=value ...`` with the
+syslog priority prefix ``<N>`` that journald strips and stores as the entry's priority
+(``SyslogLevelPrefix=yes``, the default), so ``journalctl -p err`` finds errors; journald adds
+its own timestamp, so the line carries none.
+
 Everything ends in one stdlib handler whose ``structlog.stdlib.ProcessorFormatter`` renders
 both structlog events and plain ``logging`` records (APScheduler's ``"apscheduler"`` logger, the
 stdlib ``warnings`` module), so journald and ``docker logs`` see one format. ``redact_secrets``
@@ -21,9 +29,23 @@ from typing import Literal, TextIO, get_args
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["REDACTED", "LogFormat", "configure_logging", "redact_secrets"]
+__all__ = [
+    "HEARTBEAT_JOB",
+    "REDACTED",
+    "LogFormat",
+    "configure_logging",
+    "journal_renderer",
+    "redact_secrets",
+    "stream_is_journal",
+]
 
-LogFormat = Literal["auto", "json", "console"]
+LogFormat = Literal["auto", "json", "console", "journal"]
+
+#: The name popsync.scheduler gives its heartbeat job; APScheduler's lines about it are dropped.
+HEARTBEAT_JOB = "popsync heartbeat"
+
+# syslog(3) priorities by structlog level name; journald files a line under its prefix.
+_PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "info": 6, "debug": 7}
 
 REDACTED = "[redacted]"
 
@@ -43,12 +65,26 @@ _SECRET_TEXT = (
     (re.compile(r"(?i)\b(Bearer|Basic)[ \t]+[A-Za-z0-9._~+/-]{8,}=*"), r"\1 " + REDACTED),
 )
 
-# Loggers that chatter at INFO on every job run; they are held at WARNING unless DEBUG.
+# Loggers that chatter at INFO on every job run; they are held at WARNING unless DEBUG, and
+# even then at INFO (one "Running job" line per account run) unless scheduler_debug is set:
+# at DEBUG APScheduler logs every wake-up, i.e. every few seconds.
 _NOISY_LOGGERS = ("apscheduler",)
 
 
 class _PopsyncHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installed, so a reconfiguration can replace it."""
+
+
+class _DropHeartbeat(logging.Filter):
+    """Drops APScheduler's lines about the heartbeat job, which runs every few seconds."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("apscheduler"):
+            return True
+        try:
+            return HEARTBEAT_JOB not in record.getMessage()
+        except Exception:  # a malformed record is for the formatter to report
+            return True
 
 
 def _is_secret_key(key: object) -> bool:
@@ -100,17 +136,71 @@ def _parse_level(level: str | int) -> int:
     return number
 
 
-def _wants_console(fmt: LogFormat, stream: TextIO) -> bool:
-    """Console rendering for an interactive terminal, JSON for everything else."""
-    if fmt == "auto":
-        isatty = getattr(stream, "isatty", None)
-        return bool(isatty and isatty())
-    return fmt == "console"
+def stream_is_journal(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """True when ``stream`` is the journald stream systemd named in ``$JOURNAL_STREAM``.
+
+    systemd sets ``JOURNAL_STREAM=DEVICE:INODE`` for the unit's stdout/stderr connection to
+    journald; a child whose stderr was redirected elsewhere inherits the variable, so the
+    device and inode must match the stream's own, as sd_journal_stream_fd(3) advises.
+    """
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # StringIO, a closed stream
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
 
 
-def _renderer(console: bool, stream: TextIO) -> list[Processor]:
+def _rendering(fmt: LogFormat, stream: TextIO) -> LogFormat:
+    """Resolve "auto": journal lines for journald, console for a terminal, JSON otherwise."""
+    if fmt != "auto":
+        return fmt
+    if stream_is_journal(stream):
+        return "journal"
+    isatty = getattr(stream, "isatty", None)
+    return "console" if isatty and isatty() else "json"
+
+
+def _one_line(text: str) -> str:
+    """Escape line breaks: journald would start a new entry, without a priority prefix."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _journal_value(value: object) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    if text and not any(ch.isspace() or ch in '"=\\' for ch in text):
+        return text
+    return '"' + _one_line(text).replace('"', '\\"') + '"'
+
+
+def journal_renderer(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> str:
+    """structlog renderer: ``<N>logger: event key=value ...`` lines for journald.
+
+    A traceback spans several lines; journald makes each line an entry of its own, so every
+    line gets the prefix (else the traceback of an error would be filed as info).
+    """
+    level = str(event_dict.pop("level", "info"))
+    prefix = f"<{_PRIORITY.get(level, 6)}>"
+    event_dict.pop("timestamp", None)
+    name = event_dict.pop("logger", None)
+    event = _one_line(str(event_dict.pop("event", "")))
+    trace = event_dict.pop("exception", None)
+    pairs = " ".join(f"{key}={_journal_value(value)}" for key, value in event_dict.items())
+    head = f"{name}: {event}" if name else event
+    lines = [" ".join(part for part in (head, pairs) if part)]
+    if trace:
+        lines += str(trace).rstrip("\n").splitlines()
+    return "\n".join(prefix + line for line in lines)
+
+
+def _renderer(rendering: LogFormat, stream: TextIO) -> list[Processor]:
     """The final processors: format exceptions, redact, render."""
-    if console:
+    if rendering == "journal":
+        return [structlog.processors.format_exc_info, redact_secrets, journal_renderer]
+    if rendering == "console":
         colors = bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
         # ConsoleRenderer formats exc_info itself (prettily, with rich when installed).
         return [redact_secrets, structlog.dev.ConsoleRenderer(colors=colors)]
@@ -137,10 +227,14 @@ def configure_logging(
     format: LogFormat = "auto",
     level: str | int = "INFO",
     stream: TextIO | None = None,
+    *,
+    scheduler_debug: bool = False,
 ) -> None:
     """Route structlog and stdlib logging to ``stream`` (default stderr); safe to call again.
 
-    ``format="auto"`` renders for people when ``stream`` is a TTY and JSON lines otherwise.
+    ``format="auto"`` writes journal lines when ``stream`` is journald's, renders for people
+    when it is a TTY, and JSON lines otherwise. APScheduler's DEBUG chatter (every wake-up)
+    shows only with ``scheduler_debug`` (``-vv``); its heartbeat job never shows.
     """
     if format not in get_args(LogFormat):
         raise ValueError(f"unknown log format {format!r}")
@@ -152,18 +246,22 @@ def configure_logging(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *_renderer(_wants_console(format, out), out),
+            *_renderer(_rendering(format, out), out),
         ],
     )
     handler = _PopsyncHandler(out)
     handler.setFormatter(formatter)
+    handler.addFilter(_DropHeartbeat())
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _PopsyncHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(number)
-    noisy_level = number if number <= logging.DEBUG else max(number, logging.WARNING)
+    if number > logging.DEBUG:
+        noisy_level = max(number, logging.WARNING)
+    else:
+        noisy_level = number if scheduler_debug else logging.INFO
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(noisy_level)
     logging.captureWarnings(True)

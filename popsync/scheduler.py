@@ -30,6 +30,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from popsync.backoff import next_delay
 from popsync.errors import ExitCode
+from popsync.logconfig import HEARTBEAT_JOB
 
 if TYPE_CHECKING:
     from popsync.config import Account
@@ -100,6 +101,8 @@ class AccountScheduler:
             self._heartbeat,
             IntervalTrigger(seconds=self._heartbeat_every, timezone=UTC),
             id=_HEARTBEAT_ID,
+            # popsync.logconfig drops APScheduler's lines about this job by this name.
+            name=HEARTBEAT_JOB,
             executor="heartbeat",
         )
         self._scheduler.start()

@@ -6,16 +6,26 @@ while the daemon runs (WAL lets readers and the writer proceed together).
 
 from __future__ import annotations
 
+import os
 import time
+import tomllib
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from popsync.config import Config
     from popsync.seen import SeenStore
 
-__all__ = ["AccountStatus", "collect_status", "healthcheck", "render_status"]
+__all__ = [
+    "AccountStatus",
+    "collect_status",
+    "daemon_line",
+    "healthcheck",
+    "render_status",
+    "state_dir_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,51 @@ def collect_status(config: Config, store: SeenStore) -> list[AccountStatus]:
             )
         )
     return rows
+
+
+def state_dir_of(config_path: Path) -> Path:
+    """The state directory a config file names, read leniently from a file that may be invalid.
+
+    ``popsync status`` uses it to still find the daemon's record when the edited config is
+    broken, which is exactly when a rejected reload matters.
+    """
+    from popsync.config import default_state_dir
+
+    try:
+        value = tomllib.loads(config_path.read_text(encoding="utf-8")).get("state_dir")
+    except (OSError, ValueError):
+        value = None
+    if isinstance(value, str) and value.strip():
+        path = Path(os.path.expanduser(value))
+        if path.is_absolute():
+            return path
+    return default_state_dir()
+
+
+def daemon_line(state_dir: Path, *, now: float | None = None) -> tuple[str, bool] | None:
+    """A line about the running daemon and whether it is a problem; None when none runs.
+
+    A rejected config reload is a problem: the daemon still runs the previous config, and
+    whoever edited the file should know their change is not in effect.
+    """
+    from popsync.statefile import read_daemon_record
+
+    record = read_daemon_record(state_dir)
+    if record is None:
+        return None
+    now = time.time() if now is None else now
+    rejected = record.get("reload_rejected")
+    head = f"daemon: pid {record.get('pid')}"
+    if not isinstance(rejected, dict):
+        return head + ", config in effect", False
+    problems = [str(p) for p in rejected.get("problems") or []]
+    at = rejected.get("at")
+    when = _ago(at if isinstance(at, int | float) else None, now)
+    detail = "; ".join(problems) or "invalid config"
+    return (
+        f"{head}, config reload REJECTED {when}, still running the previous config: {detail}",
+        True,
+    )
 
 
 def _ago(stamp: float | None, now: float) -> str:

@@ -202,7 +202,11 @@ def test_main_service_directives() -> None:
     assert unit["Service.NotifyAccess"] == ["main"]
     assert unit["Service.WatchdogSec"]
     assert unit["Service.ExecStart"] == [f"{BINARY} -c /etc/popsync/config.toml"]
-    assert unit["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # A bad file fails `systemctl reload` before the daemon is signalled.
+    assert unit["Service.ExecReload"] == [
+        f"{BINARY} check-config -c /etc/popsync/config.toml",
+        "/bin/kill -HUP $MAINPID",
+    ]
     assert unit["Service.User"] == ["popsync"]
     assert unit["Service.StateDirectory"] == ["popsync"]
     assert unit["Service.StateDirectoryMode"] == ["0700"]
@@ -251,6 +255,10 @@ def test_template_is_per_user() -> None:
     unit = _unit("popsync@.service")
     assert unit["Service.User"] == ["%i"]
     assert unit["Service.ExecStart"] == [f"{BINARY} -c /home/%i/.config/popsync/config.toml"]
+    assert unit["Service.ExecReload"] == [
+        f"{BINARY} check-config -c /home/%i/.config/popsync/config.toml",
+        "/bin/kill -HUP $MAINPID",
+    ]
     assert unit["Service.ReadWritePaths"] == ["/home/%i/Maildir"]
     assert unit["Service.ProtectHome"] == ["read-only"]
     assert unit["Service.StateDirectory"] == ["popsync-%i"]

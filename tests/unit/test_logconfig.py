@@ -15,7 +15,13 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from popsync.logconfig import REDACTED, configure_logging, redact_secrets
+from popsync.logconfig import (
+    HEARTBEAT_JOB,
+    REDACTED,
+    configure_logging,
+    redact_secrets,
+    stream_is_journal,
+)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -293,3 +299,114 @@ def test_ordinary_text_is_left_alone(text: str) -> None:
     with capture_logs(processors=[redact_secrets]) as logs:
         structlog.get_logger().info(text)
     assert logs[0]["event"] == text
+
+
+# ------------------------------------------------------------------------------ journald
+def _journal_env(monkeypatch: pytest.MonkeyPatch, path: Any) -> None:
+    """Point $JOURNAL_STREAM at a file's device and inode, as systemd does for its socket."""
+    info = os.stat(path)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
+
+
+def test_stream_is_journal_matches_device_and_inode(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the stream whose dev:ino $JOURNAL_STREAM names counts as the journal."""
+    mine, other = tmp_path / "journal", tmp_path / "redirected"
+    with mine.open("w") as journal, other.open("w") as redirected:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+        assert not stream_is_journal(journal)
+        _journal_env(monkeypatch, mine)
+        assert stream_is_journal(journal)
+        assert not stream_is_journal(redirected)
+        assert not stream_is_journal(io.StringIO())
+        monkeypatch.setenv("JOURNAL_STREAM", "garbage")
+        assert not stream_is_journal(journal)
+
+
+def _journal_lines(path: Any) -> list[str]:
+    logging.getLogger().handlers[-1].flush()
+    return [str(line) for line in path.read_text().splitlines()]
+
+
+def test_auto_format_on_the_journal_writes_priority_prefixed_lines(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Errors get <3>, warnings <4>, info <6>, debug <7>; no timestamp, key=value fields."""
+    path = tmp_path / "journal"
+    with path.open("w") as journal:
+        _journal_env(monkeypatch, path)
+        configure_logging("auto", "debug", journal)
+        log = structlog.get_logger("popsync.sync")
+        log.error("sync failed", account="work", error="[AUTH] bad password")
+        log.warning("plan warning", account="home")
+        log.info("sync finished", account="work", fetched=3)
+        log.debug("planned", fetch=0)
+        logging.getLogger("apscheduler.scheduler").critical("scheduler died")
+        lines = _journal_lines(path)
+    assert lines == [
+        '<3>popsync.sync: sync failed account=work error="[AUTH] bad password"',
+        "<4>popsync.sync: plan warning account=home",
+        "<6>popsync.sync: sync finished account=work fetched=3",
+        "<7>popsync.sync: planned fetch=0",
+        "<2>apscheduler.scheduler: scheduler died",
+    ]
+
+
+def test_journal_lines_prefix_every_traceback_line_and_escape_newlines(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A traceback stays at error priority line by line; a newline in a value cannot split one."""
+    path = tmp_path / "journal"
+    with path.open("w") as journal:
+        configure_logging("journal", "info", journal)
+        try:
+            raise ZeroDivisionError("boom")
+        except ZeroDivisionError:
+            structlog.get_logger("popsync.scheduler").exception("crash", detail="a\nb", p="PASS x")
+        lines = _journal_lines(path)
+    assert lines[0] == f'<3>popsync.scheduler: crash detail="a\\nb" p="PASS {REDACTED}"'
+    assert len(lines) > 2
+    assert all(line.startswith("<3>") for line in lines)
+    assert lines[-1] == "<3>ZeroDivisionError: boom"
+
+
+def test_json_stays_the_default_when_journal_stream_is_inherited(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child whose stderr goes to a file keeps JSON although it inherited the variable."""
+    _journal_env(monkeypatch, tmp_path)  # some other file: the directory
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        configure_logging("auto", "info", stream)
+        structlog.get_logger().info("hello")
+        lines = _journal_lines(path)
+    assert json.loads(lines[0])["event"] == "hello"
+
+
+def _run_heartbeat_records() -> None:
+    """Log what APScheduler logs around one heartbeat run and one account run."""
+    executor = logging.getLogger("apscheduler.executors.heartbeat")
+    executor.info('Running job "%s (trigger: interval[0:00:05])"', HEARTBEAT_JOB)
+    executor.info('Job "%s (trigger: interval[0:00:05])" executed successfully', HEARTBEAT_JOB)
+    logging.getLogger("apscheduler.scheduler").debug("Looking for jobs to run")
+    logging.getLogger("apscheduler.executors.default").info('Running job "sync work"')
+
+
+def test_verbose_does_not_repeat_the_heartbeat() -> None:
+    """At debug (-v) an account's job run shows, the heartbeat and scheduler wake-ups do not."""
+    out = io.StringIO()
+    configure_logging("json", "debug", out)
+    _run_heartbeat_records()
+    assert [line["event"] for line in _json_lines(out)] == ['Running job "sync work"']
+
+
+def test_scheduler_debug_shows_wakeups_but_never_the_heartbeat() -> None:
+    """With scheduler_debug (-vv) APScheduler's debug lines show; the heartbeat still does not."""
+    out = io.StringIO()
+    configure_logging("json", "debug", out, scheduler_debug=True)
+    _run_heartbeat_records()
+    assert [line["event"] for line in _json_lines(out)] == [
+        "Looking for jobs to run",
+        'Running job "sync work"',
+    ]
