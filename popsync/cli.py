@@ -306,10 +306,9 @@ def _status(args: argparse.Namespace) -> ExitCode:
     else:
         render_status(rows, sys.stdout)
     daemon = daemon_line(config.state_dir)
-    if daemon is not None:
-        text, problem = daemon
-        # With --json the line goes to stderr, so stdout stays one JSON document.
-        _say(sys.stderr if problem or args.json else sys.stdout, text)
+    if daemon is not None and daemon[1]:
+        # On stderr: stdout stays the table (or one JSON document) that scripts parse.
+        _say(sys.stderr, daemon[0])
     return ExitCode.OK
 
 
