@@ -14,6 +14,7 @@ socket exception:
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import ssl
 from collections.abc import Iterator
@@ -23,13 +24,17 @@ from .errors import CertificateError, NetworkError, TlsError
 
 __all__ = [
     "DEFAULT_RECV_SIZE",
+    "GLOBAL_DEFAULT_TIMEOUT",
     "NetworkTimeout",
     "SSLCertVerificationError",
     "SSLContext",
     "SSLError",
+    "Socket",
     "Stream",
+    "close_socket",
     "connect",
     "default_context",
+    "open_socket",
 ]
 
 #: Read size: large reads mean few system calls and few core calls per message.
@@ -39,6 +44,9 @@ DEFAULT_RECV_SIZE = 256 * 1024
 SSLContext = ssl.SSLContext
 SSLError = ssl.SSLError
 SSLCertVerificationError = ssl.SSLCertVerificationError
+Socket = socket.socket
+#: poplib's default timeout: whatever :func:`socket.setdefaulttimeout` set (None: none).
+GLOBAL_DEFAULT_TIMEOUT: float | None = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
 
 
 class NetworkTimeout(NetworkError):
@@ -199,3 +207,19 @@ def connect(
         sock.close()
         raise
     return stream
+
+
+def open_socket(host: str, port: int, timeout: float | None) -> socket.socket:
+    """A raw TCP socket with unmapped errors, for :mod:`popsync.poplib` (poplib raises OSError)."""
+    return socket.create_connection((host, port), timeout)
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Shut down and close ``sock`` exactly as poplib's ``close()`` does (ENOTCONN is fine)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+    finally:
+        sock.close()

@@ -1,36 +1,34 @@
 """A drop-in replacement for the standard library's :mod:`poplib`.
 
-``import popsync.poplib as poplib`` and the rest of a program stays the same: the
-classes, methods, arguments and return values are poplib's (Python 3.11-3.13). Under
-the hood it is :class:`popsync.client.Pop3Client`, so messages are read in large
-chunks instead of line by line. Deliberate differences (each a poplib bug or risk) are
-listed in ``docs/library.md``: no 2048-byte line limit, certificates verified by
-default, a default timeout, ``capa()`` survives non-ASCII, CR/LF/NUL in arguments
-refused, STARTTLS injection detected, passwords masked in debug output.
+``import popsync.poplib as poplib`` and the rest of a program stays the same. This is
+a thin path of its own, not the sync engine's :class:`popsync.client.Pop3Client`: like
+poplib it passes every command through and lets the server judge it, and it keeps
+poplib's attributes and internals (``sock``, ``file``, ``welcome``, ``_debugging``,
+``_shortcmd``, ``_longcmd``, ``_getresp``, ``_getlongresp``, ``_putcmd``,
+``_putline``, ``_getline``, ``_create_socket``, the ``timestamp`` pattern) that
+programs use for vendor commands and custom AUTH.
 
-Every POP3 error raised here is an :class:`error_proto`; the typed ones also subclass
-the matching :mod:`popsync.pop3` class (``except poplib.error_proto`` and ``except
-popsync.pop3.AuthFailed`` both work). Network and TLS failures are raised as
-:class:`OSError` / :class:`ssl.SSLError` subclasses, as the standard module does.
+The deliberate differences, listed with their reasons in ``docs/library.md``: no
+2048-octet line limit, certificates verified by default, CR/LF/NUL refused in a
+command line, and passwords masked in debug output. Every ``-ERR`` is an
+:class:`error_proto` with poplib's ``args`` (the reply line as bytes) that is also
+typed by its response code (``AuthFailed``, ``MailboxInUse``, ...).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-from collections.abc import Iterator
+import hashlib
+import re
+import sys
+from io import BufferedReader
 from types import TracebackType
 from typing import Self
 
-from . import client as _client
-from . import errors as _errors
 from . import net, pop3
-from .pop3 import Capabilities, Command, MessageStart, ScanListing, UidlListing, commands
 
 __all__ = [
     "CR",
     "CRLF",
-    "DEFAULT_TIMEOUT",
     "HAVE_SSL",
     "LF",
     "POP3",
@@ -38,19 +36,15 @@ __all__ = [
     "POP3_SSL",
     "POP3_SSL_PORT",
     "AuthFailed",
-    "CertificateError",
     "ConnectionLost",
     "LocalProtocolError",
     "LoginDelay",
     "MailboxInUse",
     "MessageTooLarge",
-    "NetworkError",
-    "NetworkTimeout",
     "PermFailure",
     "RemoteProtocolError",
     "ServerError",
     "TempFailure",
-    "TlsError",
     "Utf8Required",
     "error_proto",
 ]
@@ -62,9 +56,6 @@ LF = b"\n"
 CRLF = CR + LF
 HAVE_SSL = True
 
-#: Unlike poplib (which waits forever), every connection has a timeout by default.
-DEFAULT_TIMEOUT = _client.DEFAULT_TIMEOUT
-
 
 # --------------------------------------------------------------------- errors
 class error_proto(Exception):
@@ -72,23 +63,29 @@ class error_proto(Exception):
 
 
 class LocalProtocolError(error_proto, pop3.LocalProtocolError):
-    """Bad argument or a command the session state forbids; nothing was sent."""
+    """A command line holds CR, LF or NUL (a command injection); nothing was sent."""
 
 
 class RemoteProtocolError(error_proto, pop3.RemoteProtocolError):
-    """The server sent something that is not POP3; the connection is closed."""
+    """A reply that is neither ``+...`` nor ``-ERR``; ``args[0]`` is the line, as in poplib."""
 
 
-class MessageTooLarge(error_proto, _client.MessageTooLarge):
-    """A message exceeded :attr:`POP3.max_message_size`; the connection is closed."""
+class ConnectionLost(error_proto):
+    """The server closed the connection: poplib's ``error_proto('-ERR EOF')``."""
+
+
+class MessageTooLarge(error_proto):
+    """A reply exceeded :attr:`POP3.max_message_size`; the connection was closed."""
 
 
 class ServerError(error_proto, pop3.ServerError):
     """A ``-ERR`` reply; ``args[0]`` is the reply line as bytes, as in poplib."""
 
-    def __init__(self, command: bytes, text: str, code: str | None = None) -> None:
+    def __init__(
+        self, command: bytes, text: str, code: str | None = None, line: bytes | None = None
+    ) -> None:
         super().__init__(command, text, code)
-        self.args = ((b"-ERR " + text.encode("utf-8", "replace")).rstrip(),)
+        self.args = (line if line is not None else (b"-ERR " + text.encode()).rstrip(),)
 
 
 class AuthFailed(ServerError, pop3.AuthFailed):
@@ -115,30 +112,6 @@ class Utf8Required(ServerError, pop3.Utf8Required):
     """``[UTF8]``: the command needs UTF-8 mode."""
 
 
-class NetworkError(_errors.NetworkError, OSError):
-    """Connecting or talking to the server failed (an :class:`OSError`, as in poplib)."""
-
-
-class NetworkTimeout(NetworkError, net.NetworkTimeout, TimeoutError):
-    """The server did not answer in time (a :class:`TimeoutError`, as in poplib)."""
-
-
-class ConnectionLost(NetworkError, _client.ConnectionLost, error_proto):
-    """The server hung up mid-reply (poplib raises ``error_proto('-ERR EOF')`` here)."""
-
-
-class TlsError(_errors.TlsError, net.SSLError):
-    """The TLS handshake or session failed (an :class:`ssl.SSLError`)."""
-
-    def __str__(self) -> str:
-        # ssl.SSLError renders its args tuple when no strerror is set.
-        return str(self.args[0]) if self.args else ""
-
-
-class CertificateError(_errors.CertificateError, TlsError, net.SSLCertVerificationError):
-    """The server certificate failed verification (an :class:`ssl.SSLCertVerificationError`)."""
-
-
 _SERVER_ERRORS: dict[type[pop3.ServerError], type[ServerError]] = {
     pop3.AuthFailed: AuthFailed,
     pop3.MailboxInUse: MailboxInUse,
@@ -148,75 +121,30 @@ _SERVER_ERRORS: dict[type[pop3.ServerError], type[ServerError]] = {
     pop3.Utf8Required: Utf8Required,
 }
 
-# Most specific first: the first isinstance match wins.
-_OTHER_ERRORS: tuple[tuple[type[BaseException], type[BaseException]], ...] = (
-    (_client.MessageTooLarge, MessageTooLarge),
-    (pop3.LocalProtocolError, LocalProtocolError),
-    (pop3.RemoteProtocolError, RemoteProtocolError),
-    (_client.ConnectionLost, ConnectionLost),
-    (net.NetworkTimeout, NetworkTimeout),
-    (_errors.NetworkError, NetworkError),
-    (_errors.CertificateError, CertificateError),
-    (_errors.TlsError, TlsError),
-)
 
-
-def _translate(exc: BaseException) -> BaseException | None:
-    """The compatible exception for ``exc``, or None if it needs no translation."""
-    if isinstance(exc, error_proto | OSError):
-        return None
-    if isinstance(exc, pop3.ServerError):
-        cls = _SERVER_ERRORS.get(type(exc), ServerError)
-        return cls(exc.command, exc.text, exc.code)
-    for core, compat in _OTHER_ERRORS:
-        if isinstance(exc, core):
-            return compat(str(exc))
-    return None
-
-
-@contextlib.contextmanager
-def _compatible_errors() -> Iterator[None]:
-    """The one place where popsync errors become poplib-compatible ones."""
-    try:
-        yield
-    except (pop3.Pop3Error, _errors.PopsyncError) as exc:
-        new = _translate(exc)
-        if new is None:
-            raise
-        raise new from exc
+def _reply_error(verb: bytes, line: bytes) -> error_proto:
+    """The error for a reply line that does not start with ``+``; args are poplib's."""
+    if not line.startswith(b"-ERR"):
+        return RemoteProtocolError(line)
+    text = line[4:].strip().decode("utf-8", "replace")
+    core = pop3.server_error(verb, text)
+    cls = _SERVER_ERRORS.get(type(core), ServerError)
+    return cls(verb, text, core.code, line)
 
 
 # ------------------------------------------------------------------- helpers
-_MASKED_VERBS = frozenset({b"PASS", b"APOP", b"RPOP", b"AUTH"})
+# What debug output hides: PASS's argument, APOP's digest, AUTH's initial response.
+_SECRET = re.compile(r"^((?:PASS|APOP \S+|AUTH \S+) ).+", re.IGNORECASE | re.DOTALL)
+_SECRET_BYTES = re.compile(rb"^((?:PASS|APOP \S+|AUTH \S+) ).+", re.IGNORECASE | re.DOTALL)
+_INJECTION = re.compile(rb"[\r\n\0]")
 
 
-def _shown(command: Command) -> str:
-    """The command line for debug output, with secrets masked (poplib prints them)."""
-    verb = command.verb.decode("ascii", "replace")
-    if command.verb in _MASKED_VERBS and command.args:
-        keep = command.args[:1] if command.verb == b"APOP" else ()
-        return " ".join([verb, *(a.decode("utf-8", "replace") for a in keep), "***"])
-    return " ".join([verb, *(a.decode("utf-8", "replace") for a in command.args)])
+def _masked(line: str) -> str:
+    return _SECRET.sub(r"\1***", line)
 
 
-def _number(value: int | str, what: str = "message number") -> int:
-    """poplib accepts ``retr(1)`` and ``retr("1")`` alike."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    raise LocalProtocolError(f"bad {what}: {value!r}")
-
-
-def _split_lines(body: bytes) -> list[bytes]:
-    """Split a body into lines without their CRLF or LF, as poplib returns them."""
-    if body.count(b"\n") == body.count(b"\r\n"):
-        lines = body.split(b"\r\n")
-    else:
-        lines = [line.removesuffix(b"\r") for line in body.split(b"\n")]
-    if lines and not lines[-1]:
-        lines.pop()
-    return lines
+def _masked_bytes(line: bytes) -> bytes:
+    return _SECRET_BYTES.sub(rb"\1***", line)
 
 
 # ------------------------------------------------------------------- classes
@@ -226,60 +154,102 @@ _Caps = dict[str, list[str]]
 
 
 class POP3:
-    """A POP3 session over plain TCP, with the :class:`poplib.POP3` interface."""
+    """A POP3 session over plain TCP, with the :class:`poplib.POP3` interface.
+
+    ``sock`` and ``file`` are None after :meth:`close` (as in poplib); using the
+    session afterwards raises AttributeError, as poplib does.
+    """
 
     encoding = "UTF-8"
-    #: Largest message ``retr``/``top`` accept, in octets (None: no limit). Replaces
-    #: poplib's 2048-octet line limit, which broke on real mail.
+    #: poplib's APOP timestamp pattern (some programs replace it); linear, even on a
+    #: hostile greeting of many ``<``: ``[^<]*`` cannot overlap ``<``.
+    timestamp = re.compile(rb"\+OK.[^<]*(<.*>)")
+    #: Largest multi-line reply ``retr``/``top``/... accept, in octets (None: no limit).
+    #: Replaces poplib's 2048-octet line limit, which broke on real mail.
     max_message_size: int | None = None
 
     def __init__(
-        self, host: str, port: int = POP3_PORT, timeout: float | None = DEFAULT_TIMEOUT
+        self, host: str, port: int = POP3_PORT, timeout: float | None = net.GLOBAL_DEFAULT_TIMEOUT
     ) -> None:
-        if timeout is not None and not timeout:
-            raise ValueError("Non-blocking socket (timeout=0) is not supported")
         self.host = host
         self.port = port
-        self._debugging = 0
         self._tls_established = False
-        with _compatible_errors():
-            stream = net.connect(host, port, timeout=timeout, context=self._implicit_context())
-            self._client = _client.Pop3Client(stream)
-        self.welcome: bytes = self._client.welcome.raw
+        self._verb = b""  # the last command's verb, for the typed errors
+        sys.audit("poplib.connect", self, host, port)
+        self.sock: net.Socket = self._create_socket(timeout)
+        self.file: BufferedReader = self.sock.makefile("rb")
+        self._debugging = 0
+        self.welcome: bytes = self._getresp()
 
-    def _implicit_context(self) -> net.SSLContext | None:
-        return None
+    def _create_socket(self, timeout: float | None) -> net.Socket:
+        if timeout is not None and not timeout:
+            raise ValueError("Non-blocking socket (timeout=0) is not supported")
+        return net.open_socket(self.host, self.port, timeout)
 
-    # -- internals ----------------------------------------------------------
-    def _putcmd(self, command: Command) -> None:
+    # -- internals, as in poplib ---------------------------------------------------
+    def _putline(self, line: bytes) -> None:
+        if _INJECTION.search(line):
+            raise LocalProtocolError(f"CR, LF or NUL in command line {_masked_bytes(line)!r}")
+        if self._debugging > 1:
+            print("*put*", repr(_masked_bytes(line)))
+        sys.audit("poplib.putline", self, line)
+        self._verb = line.split(b" ", 1)[0].upper()
+        self.sock.sendall(line + CRLF)
+
+    def _putcmd(self, line: str) -> None:
         if self._debugging:
-            print("*cmd*", repr(_shown(command)))
+            print("*cmd*", repr(_masked(line)))
+        self._putline(bytes(line, self.encoding))
 
-    def _shortcmd(self, command: Command) -> bytes:
-        self._putcmd(command)
-        with _compatible_errors():
-            resp = self._client.simple(command).raw
+    def _getline(self) -> tuple[bytes, int]:
+        """One line without its end, and its length with the end; no length limit."""
+        line = self.file.readline()
+        if self._debugging > 1:
+            print("*get*", repr(line))
+        if not line:
+            raise ConnectionLost("-ERR EOF")
+        octets = len(line)
+        # Same splitting as poplib, quirk included: a line that starts with CR and ends
+        # in a bare LF loses its first octet.
+        if line[-2:] == CRLF:
+            return line[:-2], octets
+        if line[:1] == CR:
+            return line[1:-1], octets
+        return line[:-1], octets
+
+    def _getresp(self) -> bytes:
+        resp, _octets = self._getline()
         if self._debugging > 1:
             print("*resp*", repr(resp))
+        if not resp.startswith(b"+"):
+            raise _reply_error(self._verb, resp)
         return resp
 
-    def _longcmd(self, command: Command) -> _LongResp:
-        self._putcmd(command)
-        with _compatible_errors():
-            event = self._client.request(command)
-            if isinstance(event, MessageStart):
-                body = io.BytesIO()
-                octets = self._client.read_body_into(body, self.max_message_size)
-                resp, lines = event.raw, _split_lines(body.getvalue())
-            elif isinstance(event, Capabilities | ScanListing | UidlListing):
-                resp, lines = event.raw, list(event.lines)
-                # poplib counts each line with its CRLF, after dot-unstuffing.
-                octets = sum(len(line) + 2 for line in lines)
-            else:
-                raise pop3.RemoteProtocolError(f"unexpected reply {event!r}")
-        if self._debugging > 1:
-            print("*resp*", repr(resp))
+    def _getlongresp(self) -> _LongResp:
+        resp = self._getresp()
+        lines: list[bytes] = []
+        octets = 0
+        limit = self.max_message_size
+        line, o = self._getline()
+        while line != b".":
+            if line.startswith(b".."):
+                o -= 1
+                line = line[1:]
+            octets += o
+            if limit is not None and octets > limit:
+                self.close()  # the rest of the reply is still coming: the session is lost
+                raise MessageTooLarge(f"reply larger than {limit} octets; connection closed")
+            lines.append(line)
+            line, o = self._getline()
         return resp, lines, octets
+
+    def _shortcmd(self, line: str) -> bytes:
+        self._putcmd(line)
+        return self._getresp()
+
+    def _longcmd(self, line: str) -> _LongResp:
+        self._putcmd(line)
+        return self._getlongresp()
 
     # -- poplib's public API --------------------------------------------------
     def getwelcome(self) -> bytes:
@@ -287,96 +257,101 @@ class POP3:
         return self.welcome
 
     def set_debuglevel(self, level: int) -> None:
-        """1 prints commands, 2 also replies; passwords are always masked."""
+        """1 prints commands, 2 also the raw lines; passwords are always masked."""
         self._debugging = level
 
     def user(self, user: str) -> bytes:
         """Send USER; return the reply line."""
-        return self._shortcmd(commands.user(user))
+        return self._shortcmd(f"USER {user}")
 
     def pass_(self, pswd: str) -> bytes:
         """Send PASS; return the reply line (the mailbox is locked until quit())."""
-        return self._shortcmd(commands.pass_(pswd))
+        return self._shortcmd(f"PASS {pswd}")
 
     def stat(self) -> tuple[int, int]:
         """Return ``(message count, mailbox size)``."""
-        rets = self._shortcmd(commands.stat()).split()
+        rets = self._shortcmd("STAT").split()
         if self._debugging:
             print("*stat*", repr(rets))
-        try:
-            return int(rets[1]), int(rets[2])
-        except (IndexError, ValueError):
-            raise RemoteProtocolError(f"bad STAT reply: {rets!r}") from None
+        return int(rets[1]), int(rets[2])
 
-    def list(self, which: int | str | None = None) -> bytes | _LongResp:
+    def list(self, which: object = None) -> bytes | _LongResp:
         """LIST: the scan line of one message, or ``(resp, ['num octets', ...], octets)``."""
         if which is not None:
-            return self._shortcmd(commands.list_(_number(which)))
-        return self._longcmd(commands.list_())
+            return self._shortcmd(f"LIST {which}")
+        return self._longcmd("LIST")
 
-    def retr(self, which: int | str) -> _LongResp:
+    def retr(self, which: object) -> _LongResp:
         """Return ``(resp, lines, octets)`` of a whole message."""
-        return self._longcmd(commands.retr(_number(which)))
+        return self._longcmd(f"RETR {which}")
 
-    def dele(self, which: int | str) -> bytes:
+    def dele(self, which: object) -> bytes:
         """Mark a message deleted; return the reply line."""
-        return self._shortcmd(commands.dele(_number(which)))
+        return self._shortcmd(f"DELE {which}")
 
     def noop(self) -> bytes:
         """NOOP; return the reply line."""
-        return self._shortcmd(commands.noop())
+        return self._shortcmd("NOOP")
 
     def rset(self) -> bytes:
         """Unmark messages marked deleted."""
-        return self._shortcmd(commands.rset())
+        return self._shortcmd("RSET")
 
     def quit(self) -> bytes:
         """QUIT (commits deletions) and close; return the reply line."""
-        try:
-            return self._shortcmd(commands.quit())
-        finally:
-            self.close()
+        resp = self._shortcmd("QUIT")
+        self.close()
+        return resp
 
     def close(self) -> None:
-        """Close the connection without QUIT."""
-        self._client.close()
+        """Close the connection without QUIT; ``sock`` and ``file`` become None."""
+        try:
+            file = self.file
+            self.file = None  # type: ignore[assignment]  # poplib's contract: None once closed
+            if file is not None:
+                file.close()
+        finally:
+            sock = self.sock
+            self.sock = None  # type: ignore[assignment]
+            if sock is not None:
+                net.close_socket(sock)
 
     def rpop(self, user: str) -> bytes:
         """Send RPOP (RFC 1081); return the reply line."""
-        return self._shortcmd(commands.rpop(user))
+        return self._shortcmd(f"RPOP {user}")
 
     def apop(self, user: str, password: str) -> bytes:
-        """Log in with APOP; needs a timestamp in the greeting."""
-        stamp = self._client.welcome.timestamp
-        if stamp is None:
+        """Log in with APOP; needs a ``<timestamp>`` in the greeting."""
+        secret = bytes(password, self.encoding)
+        match = self.timestamp.match(self.welcome)
+        if not match:
             raise error_proto("-ERR APOP not supported by server")
-        return self._shortcmd(commands.apop(user, pop3.sasl.apop_digest(stamp, password)))
+        digest = hashlib.md5(match.group(1) + secret).hexdigest()  # noqa: S324 - RFC 1939
+        return self._shortcmd(f"APOP {user} {digest}")
 
-    def top(self, which: int | str, howmuch: int | str) -> _LongResp:
+    def top(self, which: object, howmuch: object) -> _LongResp:
         """Return ``(resp, lines, octets)`` of the header and ``howmuch`` body lines."""
-        return self._longcmd(commands.top(_number(which), _number(howmuch, "line count")))
+        return self._longcmd(f"TOP {which} {howmuch}")
 
-    def uidl(self, which: int | str | None = None) -> bytes | _LongResp:
+    def uidl(self, which: object = None) -> bytes | _LongResp:
         """UIDL: ``resp`` for one message, or ``(resp, ['num uid', ...], octets)``."""
         if which is not None:
-            return self._shortcmd(commands.uidl(_number(which)))
-        return self._longcmd(commands.uidl())
+            return self._shortcmd(f"UIDL {which}")
+        return self._longcmd("UIDL")
 
     def utf8(self) -> bytes:
         """Enter UTF-8 mode (RFC 6856); return the reply line."""
-        return self._shortcmd(commands.utf8())
+        return self._shortcmd("UTF8")
 
     def capa(self) -> _Caps:
-        """Return the capabilities as ``{name: [args]}``; non-ASCII is decoded, not fatal."""
-        try:
-            _resp, lines, _octets = self._longcmd(commands.capa())
-        except ServerError:
-            raise error_proto("-ERR CAPA not supported by server") from None
+        """Return the capabilities as ``{name: [args]}``."""
         caps: _Caps = {}
-        for line in lines:
-            words = line.decode("utf-8", "replace").split()
-            if words:
+        try:
+            for line in self._longcmd("CAPA")[1]:
+                words = line.decode("ascii").split()
                 caps[words[0]] = words[1:]
+        except error_proto:
+            raise error_proto("-ERR CAPA not supported by server") from None
         return caps
 
     def stls(self, context: net.SSLContext | None = None) -> bytes:
@@ -385,11 +360,13 @@ class POP3:
             raise error_proto("-ERR TLS session already established")
         if "STLS" not in self.capa():
             raise error_proto("-ERR STLS not supported by server")
-        self._putcmd(commands.stls())
-        with _compatible_errors():
-            self._client.stls(context or net.default_context(), self.host)
-            assert self._client.last_ok is not None
-            resp = self._client.last_ok.raw
+        if context is None:
+            context = net.default_context()
+        resp = self._shortcmd("STLS")
+        # Like poplib, a new file: clear-text bytes that came with the +OK stay in the
+        # old buffer and are dropped, never read as part of the TLS session.
+        self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
+        self.file = self.sock.makefile("rb")
         self._tls_established = True
         return resp
 
@@ -413,15 +390,15 @@ class POP3_SSL(POP3):
         host: str,
         port: int = POP3_SSL_PORT,
         *,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        timeout: float | None = net.GLOBAL_DEFAULT_TIMEOUT,
         context: net.SSLContext | None = None,
     ) -> None:
         self.context = context if context is not None else net.default_context()
         super().__init__(host, port, timeout)
-        self._tls_established = True
 
-    def _implicit_context(self) -> net.SSLContext | None:
-        return self.context
+    def _create_socket(self, timeout: float | None) -> net.Socket:
+        sock = super()._create_socket(timeout)
+        return self.context.wrap_socket(sock, server_hostname=self.host)
 
     def stls(self, context: net.SSLContext | None = None) -> bytes:
         """Always fails: the session is already encrypted."""

@@ -7,6 +7,7 @@ cannot be given a CA by default, and popsync.poplib gets the harness CA.
 
 from __future__ import annotations
 
+import base64
 import poplib as std_poplib
 import re
 from collections.abc import Callable
@@ -19,6 +20,8 @@ import pytest
 import popsync.poplib as our_poplib
 from devtools.dovecot import Dovecot, MailUser
 from popsync import net
+from tests.poplib_side_by_side import Call, run_calls
+from tests.wire_tap import WireTap
 
 pytestmark = pytest.mark.dovecot
 
@@ -46,8 +49,11 @@ def _session(module: ModuleType, conn: Any, user: MailUser) -> list[Result]:
             results.append((name, call()))
         except module.error_proto as exc:
             results.append((name + " raised", exc.args))
+        except OSError as exc:  # e.g. the server hung up: must happen to both alike
+            results.append((name + " raised " + type(exc).__name__, exc.args))
 
     rec("welcome", lambda: _welcome(conn.getwelcome()))
+    rec("attributes", lambda: (type(conn.sock).__name__, type(conn.file), conn._debugging))
     rec("capa", conn.capa)
     rec("user", lambda: conn.user(user.name))
     rec("pass_", lambda: conn.pass_(user.password))
@@ -66,6 +72,16 @@ def _session(module: ModuleType, conn: Any, user: MailUser) -> list[Result]:
     rec("uidl", conn.uidl)
     rec("uidl 2", lambda: conn.uidl(2))
     rec("noop", conn.noop)
+    rec("dele 'foo'", lambda: conn.dele("foo"))
+    rec("retr 'foo'", lambda: conn.retr("foo"))
+    rec("top 'x' 'y'", lambda: conn.top("x", "y"))
+    rec("_shortcmd", lambda: conn._shortcmd("NOOP"))
+    rec("_longcmd", lambda: conn._longcmd("UIDL"))
+    rec("_putcmd", lambda: conn._putcmd("STAT"))
+    rec("_getresp", conn._getresp)
+    rec("_putline", lambda: conn._putline(b"LIST"))
+    rec("_getlongresp", conn._getlongresp)
+    rec("_shortcmd unknown", lambda: conn._shortcmd("XTND XLIST Subject"))
     rec("dele 1", lambda: conn.dele(1))
     rec("dele 1 again", lambda: conn.dele(1))
     rec("retr deleted", lambda: conn.retr(1))
@@ -73,6 +89,7 @@ def _session(module: ModuleType, conn: Any, user: MailUser) -> list[Result]:
     rec("rset", conn.rset)
     rec("stat after rset", conn.stat)
     rec("quit", conn.quit)
+    rec("after quit", lambda: (conn.sock, conn.file))
     return results
 
 
@@ -88,12 +105,54 @@ def mailbox(dovecot: Dovecot, mail_user: MailUser) -> MailUser:
 
 
 def test_plain_session_matches_stdlib(dovecot: Dovecot, mailbox: MailUser) -> None:
-    """Every command over plain POP3 returns what stdlib poplib returns."""
-    ours = _session(our_poplib, our_poplib.POP3(dovecot.host, dovecot.pop3_port), mailbox)
-    theirs = _session(std_poplib, std_poplib.POP3(dovecot.host, dovecot.pop3_port), mailbox)
+    """Every method and internal returns what stdlib poplib returns and sends the same bytes."""
+    with WireTap(dovecot.host, dovecot.pop3_port) as tap:
+        ours = _session(our_poplib, our_poplib.POP3(tap.host, tap.port), mailbox)
+        theirs = _session(std_poplib, std_poplib.POP3(tap.host, tap.port), mailbox)
     assert ours == theirs
-    assert dict(ours)["retr 2"][1][2:5] == [b".starts with a dot", b"..two dots", b"."]
+    assert len(tap.sent) == 2
+    assert tap.sent[0] == tap.sent[1]
+    assert b"DELE foo\r\nRETR foo\r\nTOP x y\r\n" in tap.sent[0]
+    results = dict(ours)
+    assert results["retr 2"][1][2:5] == [b".starts with a dot", b"..two dots", b"."]
+    assert results["after quit"] == (None, None)
     assert dovecot.messages(mailbox) == MESSAGES  # rset before quit: nothing deleted
+
+
+def test_commands_before_login_match_stdlib(dovecot: Dovecot) -> None:
+    """Both send STAT/LIST/UIDL/TOP before login and get Dovecot's refusals alike."""
+    outcomes = []
+    with WireTap(dovecot.host, dovecot.pop3_port) as tap:
+        for module in (our_poplib, std_poplib):
+            conn = module.POP3(tap.host, tap.port)
+            calls: list[Call] = [
+                ("stat", lambda c: c.stat()),
+                ("list", lambda c: c.list()),
+                ("uidl", lambda c: c.uidl(1)),
+                ("top", lambda c: c.top(1, 0)),  # the fourth bad command: Dovecot hangs up
+            ]
+            outcomes.append(run_calls(module, conn, calls))
+            conn.close()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == ("stat", "error_proto", (b"-ERR Unknown command.",))
+    assert tap.sent[0] == tap.sent[1] == b"STAT\r\nLIST\r\nUIDL 1\r\nTOP 1 0\r\n"
+
+
+def test_custom_auth_through_internals_matches_stdlib(dovecot: Dovecot, mailbox: MailUser) -> None:
+    """AUTH PLAIN written with _putline/_getresp logs in through both modules alike."""
+    initial = base64.b64encode(f"\0{mailbox.name}\0{mailbox.password}".encode())
+    results = []
+    with WireTap(dovecot.host, dovecot.pop3_port) as tap:
+        for module in (our_poplib, std_poplib):
+            conn = module.POP3(tap.host, tap.port)
+            conn._putline(b"AUTH PLAIN")
+            challenge = conn._getresp()
+            conn._putline(initial)
+            results.append((challenge, conn._getresp(), conn.stat(), conn.quit()))
+    assert results[0] == results[1]
+    assert results[0][0] == b"+ "
+    assert results[0][2] == (len(MESSAGES), sum(map(len, MESSAGES)))
+    assert tap.sent[0] == tap.sent[1]
 
 
 def test_pop3_ssl_session_matches_stdlib(

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import io
 import json
-import poplib as std_poplib
 import re
 import socket
 import threading
@@ -29,7 +28,6 @@ from popsync.client import (
 from popsync.errors import CertificateError, ExitCode, NetworkError
 from popsync.pop3 import (
     AuthFailed,
-    LocalProtocolError,
     LoginDelay,
     MailboxInUse,
     PermFailure,
@@ -700,106 +698,13 @@ def test_ipv6_loopback() -> None:
 
 
 # --------------------------------------------------------------------- poplib
-def test_poplib_capa_survives_non_ascii(serve: list[FakePop3Server]) -> None:
-    """popsync.poplib decodes a non-ASCII CAPA line; stdlib poplib crashes on it."""
-    reply = capa(b"IMPLEMENTATION Caf\xe9 POP", b"USER")
-    server = start(serve, [GREETING, Expect(b"CAPA", reply)], [GREETING, Expect(b"CAPA", reply)])
-    ours = our_poplib.POP3(server.host, server.port)
-    assert ours.capa() == {"IMPLEMENTATION": ["Caf\ufffd", "POP"], "USER": []}
-    ours.close()
-    theirs = std_poplib.POP3(server.host, server.port, timeout=5)
-    with pytest.raises(UnicodeDecodeError):
-        theirs.capa()
-    theirs.close()
-    server.check()
-
-
-def test_poplib_refuses_command_injection(serve: list[FakePop3Server]) -> None:
-    """CR/LF in an argument raises error_proto and nothing is sent (stdlib sends it)."""
-    server = start(serve, [GREETING])
-    conn = our_poplib.POP3(server.host, server.port)
-    with pytest.raises(our_poplib.error_proto) as info:
-        conn.user("bob\r\nDELE 1")
-    assert isinstance(info.value, LocalProtocolError)
-    conn.close()
-    server.close()
-    assert server.received == []
-
-
-def test_poplib_errors_are_error_proto_and_typed(serve: list[FakePop3Server]) -> None:
-    """A -ERR [IN-USE] is error_proto with poplib's args and also MailboxInUse."""
-    server = start(
-        serve,
-        [GREETING, Expect(b"USER bob", OK), Expect(b"PASS pw", b"-ERR [IN-USE] locked\r\n")],
-    )
-    conn = our_poplib.POP3(server.host, server.port)
-    conn.user("bob")
-    with pytest.raises(our_poplib.error_proto) as info:
-        conn.pass_("pw")
-    error: BaseException = info.value
-    assert error.args == (b"-ERR [IN-USE] locked",)
-    assert isinstance(error, our_poplib.MailboxInUse)
-    assert isinstance(error, MailboxInUse)
-    conn.close()
-    server.check()
-
-
+# The side-by-side comparison with stdlib poplib is in test_poplib_dropin.py.
 def test_poplib_timeout_is_timeout_error(serve: list[FakePop3Server]) -> None:
     """A timeout through popsync.poplib is a TimeoutError, as with stdlib poplib."""
     server = start(serve, [GREETING, Expect(b"USER bob"), Stall(5)])
     conn = our_poplib.POP3(server.host, server.port, timeout=0.3)
     with pytest.raises(TimeoutError):
         conn.user("bob")
-
-
-def test_poplib_stls_injection_is_error_proto(serve: list[FakePop3Server]) -> None:
-    """STARTTLS injection through popsync.poplib raises error_proto, never a handshake."""
-    server = start(
-        serve,
-        [
-            GREETING,
-            Expect(b"CAPA", capa(b"STLS")),
-            Expect(b"STLS", b"+OK go\r\n+OK evil\r\n"),
-        ],
-    )
-    conn = our_poplib.POP3(server.host, server.port)
-    with pytest.raises(our_poplib.error_proto, match="injection"):
-        conn.stls(server.client_context())
-    server.check()
-
-
-def test_poplib_keeps_a_leading_cr(serve: list[FakePop3Server]) -> None:
-    """A line that starts with CR and ends in bare LF keeps its first octet (poplib drops it)."""
-    body = b"+OK\r\n\rstarts with CR\nnext\r\n.\r\n"
-    script: list[Step] = [
-        GREETING,
-        Expect(b"USER u", OK),
-        Expect(b"PASS p", OK),
-        Expect(b"RETR 1", body),
-    ]
-    server = start(serve, script, script)
-    results = []
-    for module in (our_poplib, std_poplib):
-        conn = module.POP3(server.host, server.port, timeout=5)
-        conn.user("u")
-        conn.pass_("p")
-        results.append(conn.retr(1)[1])
-        conn.close()
-    server.check()
-    assert results[0] == [b"\rstarts with CR", b"next"]
-    assert results[1] == [b"starts with CR", b"next"]  # the leading CR is lost
-
-
-def test_poplib_defaults_verify_and_time_out(serve: list[FakePop3Server]) -> None:
-    """POP3_SSL verifies the certificate by default; both classes default to a timeout."""
-    server = start(serve, [StartTLS(), GREETING])
-    with pytest.raises(our_poplib.CertificateError) as info:
-        our_poplib.POP3_SSL(server.host, server.port)  # the fake CA is not trusted
-    assert isinstance(info.value, net.SSLCertVerificationError)
-    server.close()
-    assert server.received == []
-    assert our_poplib.POP3.__init__.__defaults__ == (our_poplib.POP3_PORT, 60.0)
-    assert our_poplib.POP3_SSL.__init__.__kwdefaults__ == {"timeout": 60.0, "context": None}
 
 
 def test_sink_factory_failure_on_last_message_closes(serve: list[FakePop3Server]) -> None:
