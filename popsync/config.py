@@ -78,7 +78,15 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOML_POSITION_RE = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
 _CHECKS_ERROR = "popsync_checks"
-_TOP_LEVEL_KEYS = ("state_dir", "max_workers", "log_format", "log_level", "defaults", "accounts")
+_TOP_LEVEL_KEYS = (
+    "state_dir",
+    "max_workers",
+    "log_format",
+    "log_level",
+    "metrics_listen",
+    "defaults",
+    "accounts",
+)
 
 
 _BAD_NAME = "invalid account name; use 1-64 letters, digits, '_', '.' or '-'"
@@ -305,6 +313,17 @@ class _Settings(BaseModel):
     max_workers: Annotated[int, Field(ge=1, le=256)] = 4
     log_format: LogFormat = "auto"
     log_level: Annotated[LogLevel, BeforeValidator(_log_level)] = "info"
+    #: "HOST:PORT" for the daemon's Prometheus endpoint; None (the default) serves none.
+    metrics_listen: str | None = None
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            from popsync.metrics import parse_listen
+
+            parse_listen(value)
+        return value
 
 
 class Config(_Settings):

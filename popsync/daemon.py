@@ -39,6 +39,7 @@ from popsync.notify import Notifier
 
 if TYPE_CHECKING:
     from popsync.config import Account, Config, LogFormat
+    from popsync.metrics import Metrics
     from popsync.scheduler import AccountScheduler
     from popsync.seen import SeenStore
     from popsync.sync import RunResult
@@ -89,6 +90,8 @@ class Daemon:
         self._results: dict[str, RunResult] = {}
         #: (when, problems) of the last rejected reload; None once a reload succeeds.
         self.reload_failure: tuple[float, list[str]] | None = None
+        #: The Prometheus metrics, when ``metrics_listen`` is set (started by run()).
+        self.metrics: Metrics | None = None
         self.watchdog = self.notifier.watchdog_interval()
         beat = HEARTBEAT_EVERY if self.watchdog is None else min(HEARTBEAT_EVERY, self.watchdog / 4)
         self.scheduler: AccountScheduler = AccountScheduler(
@@ -96,6 +99,7 @@ class Daemon:
             max_workers=config.max_workers,
             on_result=self._record,
             heartbeat_every=beat,
+            on_delay=self._delayed,
         )
 
     # ------------------------------------------------------------------ signals
@@ -155,11 +159,45 @@ class Daemon:
     def _run_account(self, account: Account) -> RunResult:
         from popsync.sync import sync_account
 
-        return sync_account(account, self.store, stop=self.stop_event)
+        if self.metrics is None:
+            return sync_account(account, self.store, stop=self.stop_event)
+        with self.metrics.running():
+            return sync_account(account, self.store, stop=self.stop_event)
 
     def _record(self, result: RunResult) -> None:
         self._results[result.account] = result
+        if self.metrics is not None:
+            self.metrics.observe(result, time.time())
         self._wake_up()  # refresh the STATUS= line soon
+
+    def _delayed(self, result: RunResult, delay: float) -> None:
+        """The scheduler chose the next run of ``result.account``: publish any backoff."""
+        if self.metrics is None:
+            return
+        account = self.scheduler.accounts.get(result.account)
+        if account is None or delay == account.interval:
+            self.metrics.backoff(result.account, 0.0, "none")
+        else:
+            reason = "login_delay" if result.outcome == "ok" else result.outcome
+            self.metrics.backoff(result.account, delay, reason)
+
+    def _start_metrics(self) -> None:
+        """Serve /metrics on ``metrics_listen``; a port in use is temporary (exit 75)."""
+        listen = self.config.metrics_listen
+        if listen is None:
+            return
+        from popsync.errors import NetworkError
+        from popsync.metrics import Metrics, parse_listen
+
+        host, port = parse_listen(listen)
+        store = self.store
+        metrics = Metrics(lambda name: len(store.entries(name)))
+        try:
+            metrics.serve(host, port)
+        except OSError as exc:
+            raise NetworkError(f"metrics_listen {listen}: cannot listen: {exc.strerror}") from None
+        self.metrics = metrics
+        self._log.info("serving metrics", host=host, port=metrics.port, path="/metrics")
 
     def status_line(self) -> str:
         """The ``STATUS=`` text for ``systemctl status``: counts and the first failure."""
@@ -199,7 +237,11 @@ class Daemon:
         unknown = [n for n in self.only if n not in self.config.accounts]
         if unknown:
             raise ConfigError([f"--account {n}: no such account" for n in unknown])
-        self.scheduler.set_accounts(self._accounts(self.config))
+        self._start_metrics()
+        accounts = self._accounts(self.config)
+        if self.metrics is not None:
+            self.metrics.set_accounts(accounts)
+        self.scheduler.set_accounts(accounts)
         self.scheduler.start()
         self._log.info(
             "daemon started",
@@ -248,6 +290,8 @@ class Daemon:
         self._log.info("stopping")
         started = time.monotonic()
         self.clean = self.scheduler.shutdown(SHUTDOWN_TIMEOUT)
+        if self.metrics is not None:
+            self.metrics.close()
         from popsync.statefile import remove_daemon_record
 
         with contextlib.suppress(OSError):
@@ -277,7 +321,7 @@ class Daemon:
             self._write_record()
             self.notifier.ready(self.status_line())
             return
-        for key in ("state_dir", "max_workers"):
+        for key in ("state_dir", "max_workers", "metrics_listen"):
             if getattr(config, key) != getattr(self.config, key):
                 self._log.warning(f"{key} changes need a restart; keeping the old value")
         configure_logging(
@@ -288,9 +332,18 @@ class Daemon:
         for warning in config.warnings:
             self._log.warning("config warning", detail=warning)
         self.config = config.model_copy(
-            update={"state_dir": self.config.state_dir, "max_workers": self.config.max_workers}
+            update={
+                "state_dir": self.config.state_dir,
+                "max_workers": self.config.max_workers,
+                "metrics_listen": self.config.metrics_listen,
+            }
         )
-        added, removed, changed = self.scheduler.set_accounts(self._accounts(config))
+        accounts = self._accounts(config)
+        if self.metrics is not None:
+            self.metrics.set_accounts(
+                accounts, removed=set(self.scheduler.accounts) - set(accounts)
+            )
+        added, removed, changed = self.scheduler.set_accounts(accounts)
         self._log.info("config reloaded", added=added, removed=removed, changed=changed)
         self.reload_failure = None
         self._write_record()

@@ -62,11 +62,14 @@ class AccountScheduler:
         max_workers: int,
         on_result: Callable[[RunResult], None] | None = None,
         heartbeat_every: float = HEARTBEAT_EVERY,
+        on_delay: Callable[[RunResult, float], None] | None = None,
     ) -> None:
+        """``on_delay(result, seconds)`` learns each next run's delay (metrics use it)."""
         # APScheduler's own chatter is held at WARNING (DEBUG with -v) by popsync.logconfig,
         # which also routes it through the structlog pipeline; nothing to set up here.
         self._run = run
         self._on_result = on_result
+        self._on_delay = on_delay
         self._heartbeat_every = heartbeat_every
         self._accounts: dict[str, Account] = {}
         self._failures: dict[str, int] = {}
@@ -242,6 +245,8 @@ class AccountScheduler:
                 failures=failures,
                 delay=round(delay, 3),
             )
+        if self._on_delay is not None:
+            self._on_delay(result, delay)
         if self._on_result is not None:
             self._on_result(result)
 

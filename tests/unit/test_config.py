@@ -431,7 +431,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert {a.tls for a in config.accounts.values()} >= {"implicit", "starttls"}
     assert any(a.auth == "xoauth2" and a.password_command for a in config.accounts.values())
     keys = set(Account.model_fields) - {"name"}
-    keys |= {"state_dir", "max_workers", "log_format", "log_level"}
+    keys |= {"state_dir", "max_workers", "log_format", "log_level", "metrics_listen"}
     missing = {key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)}
     assert missing == set()
 
@@ -444,6 +444,7 @@ def test_docs_table_lists_every_key() -> None:
         "max_workers",
         "log_format",
         "log_level",
+        "metrics_listen",
     }
     missing = {key for key in keys if f"| `{key}` |" not in text}
     assert missing == set()

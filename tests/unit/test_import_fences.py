@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -142,3 +143,47 @@ def test_fence_detects_violations(tmp_path: Path) -> None:
         "popsync.config: popsync outside pop3",
         "pydantic.main: not in the standard library",
     ]
+
+
+#: Heavy optional libraries, each owned by one module that imports it only inside functions,
+#: so `popsync --once` and the admin commands never pay for them (start-up time matters).
+LAZY_OWNERS = {"prometheus_client": "metrics.py"}
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Top-level names imported at module level, outside ``if TYPE_CHECKING:`` blocks."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("path", _package_modules(), ids=_rel)
+def test_heavy_libraries_are_imported_lazily_by_their_owner(path: Path) -> None:
+    """prometheus_client is imported only by its owner module, and only inside functions."""
+    for library, owner in LAZY_OWNERS.items():
+        if _rel(path) != owner:
+            assert library not in top_level_imports(path)
+        assert library not in _module_level_imports(path)
+
+
+def test_cold_start_imports_none_of_the_heavy_libraries() -> None:
+    """Importing the CLI, daemon, sync engine and config loads no optional heavy library."""
+    code = (
+        "import sys\n"
+        "import popsync.cli, popsync.daemon, popsync.sync, popsync.config, popsync.metrics\n"
+        f"print(sorted(m for m in {sorted(LAZY_OWNERS)!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PACKAGE.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout.strip() == "[]"
