@@ -14,6 +14,7 @@ from devtools.dovecot import Dovecot
 from popsync import __version__
 from popsync.backoff import SLOW_START
 from tests.integration.test_daemon import (
+    WAIT,
     DaemonProcess,
     _config,
     _keys,
@@ -44,6 +45,24 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
+def scrape_when(port: int, runs: dict[str, int]) -> Samples:
+    """Scrape until each account has counted ``runs[account]`` runs (the log line comes first)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        got = scrape(port)
+        counted = {
+            account: sum(
+                v for (name, labels), v in got.items()
+                if name == "popsync_runs_total" and ("account", account) in labels
+            )
+            for account in runs
+        }  # fmt: skip
+        if counted == runs:
+            return got
+        assert time.monotonic() < deadline, f"runs counted {counted}, expected {runs}"
+        time.sleep(0.05)
+
+
 def _with_metrics(config: Path) -> None:
     config.write_text('metrics_listen = "127.0.0.1:0"\n' + config.read_text())
 
@@ -71,7 +90,7 @@ def test_metrics_match_what_the_daemon_did(
     daemon.wait_for(synced("alice", fetched=2, deleted=2, skipped=1))
     daemon.wait_for(ev("next run delayed", account="wrong"))
 
-    got = scrape(port)
+    got = scrape_when(port, {"alice": 1, "wrong": 1})
     delivered = maildir_files(tmp_path / f"Maildir-{alice.name}")
     assert len(delivered) == 2
     assert value(got, "popsync_runs_total", account="alice", outcome="ok") == 1
@@ -105,7 +124,7 @@ def test_metrics_match_what_the_daemon_did(
     daemon.send(signal.SIGUSR1)
     daemon.wait_for(synced("alice", fetched=1), after=mark)
     daemon.wait_for(ev("sync failed", account="wrong"), after=mark)
-    got = scrape(port)
+    got = scrape_when(port, {"alice": 2, "wrong": 2})
     assert value(got, "popsync_runs_total", account="alice", outcome="ok") == 2
     assert value(got, "popsync_messages_fetched_total", account="alice") == 3
     assert value(got, "popsync_messages_deleted_total", account="alice") == 3
