@@ -13,20 +13,20 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from popsync import __version__
-from popsync.errors import ConfigError, ExitCode, PopsyncError
+from popsync.errors import ConfigError, ExitCode, PopsyncError, UserError
 
 if TYPE_CHECKING:
     from popsync.config import Account, Config
     from popsync.seen import SeenStore
     from popsync.sync import Progress
 
-__all__ = ["DEFAULT_CONFIG", "SEVERITY", "main", "worst_exit_code"]
+__all__ = ["DEFAULT_CONFIG", "SEVERITY", "config_search_path", "main", "worst_exit_code"]
 
 DEFAULT_CONFIG = Path("/etc/popsync/config.toml")
 
@@ -54,7 +54,9 @@ exit codes: 0 ok, 64 usage, 74 local I/O (disk full, unwritable Maildir),
 75 temporary (network, timeout, [IN-USE], [LOGIN-DELAY], [SYS/TEMP]; retry later),
 76 protocol (broken server, bad certificate), 77 authentication refused, 78 configuration.
 
-The config file is -c FILE, else $POPSYNC_CONFIG, else /etc/popsync/config.toml.
+The config file is -c FILE, else $POPSYNC_CONFIG, else the first that exists of
+$XDG_CONFIG_HOME/popsync/config.toml (~/.config/popsync/config.toml) and
+/etc/popsync/config.toml.
 Documentation of every key: config.example.toml and docs/configuration.md.
 """
 
@@ -86,7 +88,8 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
         type=Path,
         default=default,
         metavar="FILE",
-        help="config file (default: $POPSYNC_CONFIG or /etc/popsync/config.toml)",
+        help="config file (default: $POPSYNC_CONFIG, ~/.config/popsync/config.toml, "
+        "/etc/popsync/config.toml)",
     )
     parser.add_argument(
         "-v",
@@ -128,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --once: log in and print what would be fetched and deleted; change nothing",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _account_commands(sub)
     for name, text in (
         ("check-config", "validate the config file and password sources without connecting"),
         ("status", "show each account's last run, outcome and counts from the seen-store"),
@@ -138,22 +147,85 @@ def build_parser() -> argparse.ArgumentParser:
         _common(child, top=False)
         if name == "status":
             child.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "check-config":
+            child.add_argument(
+                "--connect",
+                action="store_true",
+                help="then connect and log in to every account, as `popsync test` does",
+            )
         if name == "healthcheck":
             child.add_argument(
                 "--max-age",
-                type=float,
+                type=_duration_arg,
                 default=None,
-                metavar="SECONDS",
-                help="how old the last run may be (default: 3 x the longest interval + 60 s)",
+                metavar="DURATION",
+                help="how old the last run may be, e.g. 300, 5m, 1h (default: 3 x the longest "
+                "interval + 60 s)",
             )
     return parser
+
+
+def _account_commands(sub: Any) -> None:
+    """test, ls, mark-seen and import-state: commands about one account."""
+    for name, text in (
+        ("test", "connect and log in step by step, printing what the server says and why it fails"),
+        ("ls", "list the messages on the server and their state in popsync's store (read-only)"),
+        ("mark-seen", "record every message now on the server as delivered, without fetching"),
+    ):
+        child = sub.add_parser(name, help=text, description=text)
+        _common(child, top=False)
+        child.add_argument("account_name", metavar="ACCOUNT", help="account name from the config")
+        if name == "ls":
+            child.add_argument(
+                "--headers", action="store_true", help="also From, Date and Subject (TOP n 0)"
+            )
+            child.add_argument("--json", action="store_true", help="machine-readable output")
+    text = "mark what fetchmail, getmail6 or mpop already fetched as delivered"
+    child = sub.add_parser("import-state", help=text, description=text)
+    _common(child, top=False)
+    child.add_argument(
+        "format",
+        choices=("mpop", "getmail6", "fetchmail"),
+        metavar="FORMAT",
+        help="mpop, getmail6 or fetchmail",
+    )
+    child.add_argument("file", type=Path, metavar="FILE", help="the other program's state file")
+    child.add_argument(
+        "--account",
+        dest="import_account",
+        required=True,
+        metavar="NAME",
+        help="the popsync account the state belongs to",
+    )
+
+
+def _duration_arg(text: str) -> float:
+    """argparse type for durations written as in the config ("300", "5m", "1h30m")."""
+    from popsync.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def config_search_path(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Where popsync looks for its config without -c: $POPSYNC_CONFIG, else XDG, else /etc."""
+    env = os.environ if env is None else env
+    explicit = env.get("POPSYNC_CONFIG", "")
+    if explicit:
+        return [Path(explicit)]
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".config"
+    return [base / "popsync" / "config.toml", DEFAULT_CONFIG]
 
 
 def _config_path(args: argparse.Namespace) -> Path:
     if args.config is not None:
         return Path(args.config)
-    env = os.environ.get("POPSYNC_CONFIG")
-    return Path(env) if env else DEFAULT_CONFIG
+    candidates = config_search_path()
+    # The last candidate is used even when missing, so the error names a real default.
+    return next((path for path in candidates if path.exists()), candidates[-1])
 
 
 def _say(stream: TextIO, text: str) -> None:
@@ -163,7 +235,13 @@ def _say(stream: TextIO, text: str) -> None:
 def _load(args: argparse.Namespace) -> Config:
     from popsync.config import load_config
 
-    config = load_config(_config_path(args))
+    path = _config_path(args)
+    if args.config is None and not path.exists():
+        searched = ", ".join(str(p) for p in config_search_path())
+        raise ConfigError(
+            [f"cannot read config file: none found (looked for {searched}); use -c FILE"]
+        )
+    config = load_config(path)
     for warning in config.warnings:
         _say(sys.stderr, f"popsync: warning: {warning}")
     return config
@@ -233,20 +311,19 @@ class _ProgressBar:
     def __enter__(self) -> Progress | None:
         if not self._enabled:
             return None
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as Bar
 
+        from popsync.units import human_bytes
+
+        # Messages as "done/total", bytes received beside them: rich's DownloadColumn would
+        # label the message counts as bytes.
         bar = Bar(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            DownloadColumn(),
+            TextColumn("messages"),
+            TextColumn("{task.fields[received]}"),
             TimeElapsedColumn(),
             transient=True,
         )
@@ -257,8 +334,13 @@ class _ProgressBar:
         def update(account: str, done: int, total: int, nbytes: int) -> None:
             task = tasks.get(account)
             if task is None:
-                task = tasks[account] = bar.add_task(account, total=total)
-            bar.update(task, completed=done, total=total)  # type: ignore[arg-type]
+                task = tasks[account] = bar.add_task(account, total=total, received="")
+            bar.update(
+                task,  # type: ignore[arg-type]
+                completed=done,
+                total=total,
+                received=human_bytes(nbytes),
+            )
 
         return update
 
@@ -269,20 +351,21 @@ class _ProgressBar:
 
 # ------------------------------------------------------------------- subcommands
 def _check_config(args: argparse.Namespace) -> ExitCode:
-    from popsync.secrets import resolve_secret
+    from popsync.checks import check_config_file
 
     path = _config_path(args)
-    config = _load(args)
-    problems = []
-    for account in config.accounts.values():
-        try:
-            resolve_secret(account)
-        except PopsyncError as exc:
-            problems.append(f"accounts.{account.name}: {exc}")
+    if args.config is None and not path.exists():
+        _load(args)  # raises the "none found" error
+    config, problems = check_config_file(path)
     if problems:
         raise ConfigError(problems)
+    assert config is not None
+    for warning in config.warnings:
+        _say(sys.stderr, f"popsync: warning: {warning}")
     _say(sys.stdout, f"{path}: ok, {len(config.accounts)} account(s): {', '.join(config.accounts)}")
-    return ExitCode.OK
+    if not args.connect:
+        return ExitCode.OK
+    return _test_accounts(config, list(config.accounts), args)
 
 
 def _status(args: argparse.Namespace) -> ExitCode:
@@ -325,6 +408,183 @@ def _healthcheck(args: argparse.Namespace) -> ExitCode:
     return ExitCode.OK if healthy else ExitCode.TEMPORARY
 
 
+def _one_account(config: Config, name: str) -> Account:
+    return _select(config, [name])[0]
+
+
+def _secret(account: Account) -> str:
+    from popsync.secrets import resolve_secret
+
+    return resolve_secret(account)
+
+
+def _test(args: argparse.Namespace) -> ExitCode:
+    config = _load(args)
+    return _test_accounts(config, [args.account_name], args)
+
+
+def _test_accounts(config: Config, names: Sequence[str], args: argparse.Namespace) -> ExitCode:
+    """Connect to each account step by step; the exit code of the worst failure."""
+    from popsync.sync import classify_error
+
+    codes = []
+    for name in names:
+        account = _one_account(config, name)
+        _say(sys.stdout, f"{name}:")
+        code = ExitCode.OK
+        try:
+            _test_one(account)
+        except ConfigError as exc:
+            code = exc.exit_code
+            for problem in exc.problems:
+                _say(sys.stdout, f"  FAILED (configuration): {problem}")
+        except Exception as exc:  # every failure is reported, then the next account
+            code = classify_error(exc, during_login=True)
+            _say(sys.stdout, f"  FAILED ({code.name.lower()}): {_one_line(exc)}")
+        codes.append(code)
+    return worst_exit_code(codes)
+
+
+def _one_line(exc: BaseException) -> str:
+    from popsync.session import clean_text
+
+    return clean_text(str(exc).replace("\n", "; ") or type(exc).__name__, 500)
+
+
+def _test_one(account: Account) -> None:
+    from popsync.session import open_session
+
+    def report(step: str, text: str) -> None:
+        _say(sys.stdout, f"  {step + ':':<24} {text}")
+
+    secret = _secret(account)
+    client = open_session(account, secret, report=report)
+    try:
+        report("logged in", "ok")
+        report("capabilities now", " ".join(sorted(client.capabilities())))
+        count, size = client.stat()
+        report("stat", f"{count} message(s), {size} bytes")
+        client.quit()
+    finally:
+        client.close()
+
+
+def _ls(args: argparse.Namespace) -> ExitCode:
+    from popsync.preview import list_mailbox, read_entries
+
+    config = _load(args)
+    account = _one_account(config, args.account_name)
+    entries = read_entries(config.state_dir / "popsync.sqlite3", account.name)
+    rows = list_mailbox(account, _secret(account), entries, headers=args.headers)
+    if args.json:
+        _say(sys.stdout, json.dumps([row.as_dict() for row in rows], indent=2))
+        return ExitCode.OK
+    import shutil
+
+    width = shutil.get_terminal_size((100, 24)).columns
+    for row in rows:
+        size = "?" if row.size is None else str(row.size)
+        line = f"{row.msgnum:>6} {size:>10}  {row.uidl:<24} {row.state}"
+        if row.headers:
+            heads = "  ".join(row.headers.get(k, "") for k in ("date", "from", "subject"))
+            line = f"{line}  {heads}"
+        _say(sys.stdout, line[:width] if sys.stdout.isatty() else line)
+    _say(sys.stdout, f"{len(rows)} message(s) on the server")
+    return ExitCode.OK
+
+
+def _mark_seen(args: argparse.Namespace) -> ExitCode:
+    import time
+
+    from popsync.session import open_session
+    from popsync.sync import mark_seen
+
+    config = _load(args)
+    account = _one_account(config, args.account_name)
+    store = open_store(config)
+    try:
+        with store.lock(account.name):
+            client = open_session(account, _secret(account))
+            try:
+                uidls, sizes = client.listings()
+                client.quit()
+            finally:
+                client.close()
+            listing = [(n, u, sizes.get(n)) for n, u in uidls]
+            marked = mark_seen(store, account.name, listing, time.time())
+    finally:
+        store.close()
+    _say(
+        sys.stdout,
+        f"{account.name}: marked {marked} message(s) as seen; {len(listing) - marked} were "
+        "already known",
+    )
+    return ExitCode.OK
+
+
+def _dry_run(args: argparse.Namespace) -> ExitCode:
+    import time
+
+    from popsync.preview import dry_run, read_entries
+    from popsync.sync import classify_error
+
+    config = _load(args)
+    codes = []
+    for account in _select(config, args.account):
+        try:
+            entries = read_entries(config.state_dir / "popsync.sqlite3", account.name)
+            plan = dry_run(account, _secret(account), entries, time.time())
+        except Exception as exc:  # report it and go on with the next account
+            code = classify_error(exc, during_login=True)
+            codes.append(code)
+            _say(sys.stderr, f"{account.name}: FAILED ({code.name.lower()}) {_one_line(exc)}")
+            continue
+        _say(sys.stdout, _describe_plan(account, plan, first_run=not entries))
+        codes.append(ExitCode.OK)
+    return worst_exit_code(codes)
+
+
+def _describe_plan(account: Account, plan: object, *, first_run: bool) -> str:
+    from popsync.plan import Plan
+    from popsync.session import clean_text
+
+    assert isinstance(plan, Plan)
+
+    def uidls(items: Sequence[bytes]) -> str:
+        shown = ", ".join(clean_text(u.decode("ascii", "backslashreplace"), 40) for u in items[:10])
+        return shown + (", ..." if len(items) > 10 else "")
+
+    if first_run and account.first_run == "mark_seen":
+        count = len(plan.fetch) + len(plan.too_large)
+        return f"{account.name}: dry run: first run would mark {count} message(s) as seen"
+    lines = [
+        f"{account.name}: dry run: would fetch {len(plan.fetch)} message(s) "
+        f"({sum(s or 0 for _, _, s in plan.fetch)} bytes), delete {len(plan.delete)}, "
+        f"skip {len(plan.too_large)} too large"
+    ]
+    if plan.fetch:
+        lines.append(f"  fetch: {uidls([u for _, u, _ in plan.fetch])}")
+    if plan.delete:
+        lines.append(f"  delete: {uidls([u for _, u in plan.delete])}")
+    lines += [f"  warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def _import_state(args: argparse.Namespace) -> ExitCode:
+    from popsync.importer import import_state
+
+    config = _load(args)
+    account = _one_account(config, args.import_account)
+    store = open_store(config)
+    try:
+        with store.lock(account.name):
+            report = import_state(args.format, args.file, account, store)
+    finally:
+        store.close()
+    _say(sys.stdout, report.summary())
+    return ExitCode.OK
+
+
 def _daemon(args: argparse.Namespace) -> ExitCode:
     from popsync.daemon import run_daemon
 
@@ -340,6 +600,13 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
         return _status(args)
     if args.command == "healthcheck":
         return _healthcheck(args)
+    commands = {"test": _test, "ls": _ls, "mark-seen": _mark_seen, "import-state": _import_state}
+    if args.command in commands:
+        return commands[args.command](args)
+    if args.dry_run:
+        if not args.once:
+            raise UserError("--dry-run needs --once")
+        return _dry_run(args)
     if args.once:
         return _run_once(args)
     return _daemon(args)

@@ -206,6 +206,10 @@ class Pop3Client:
         """The TLS cipher suite, for logs."""
         return self._stream.cipher if self._stream is not None else None
 
+    def peer_certificate(self) -> bytes | None:
+        """The server's certificate (DER) once the session is encrypted, else None."""
+        return self._stream.peer_certificate() if self._stream is not None else None
+
     @property
     def state(self) -> State:
         """The POP3 session state confirmed by the server."""

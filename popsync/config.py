@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -30,7 +31,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from popsync.errors import ConfigError
-from popsync.units import format_duration, parse_duration, parse_size
+from popsync.units import format_duration, normalize_fingerprint, parse_duration, parse_size
 
 __all__ = [
     "SECRET_KEYS",
@@ -38,6 +39,7 @@ __all__ = [
     "AuthMechanism",
     "Config",
     "DeletePolicy",
+    "FirstRun",
     "LogFormat",
     "LogLevel",
     "Pipelining",
@@ -45,6 +47,7 @@ __all__ = [
     "default_state_dir",
     "load_config",
     "parse_config",
+    "raw_account_tables",
 ]
 
 TlsMode = Literal["implicit", "starttls", "none"]
@@ -61,6 +64,7 @@ AuthMechanism = Literal[
     "oauthbearer",
 ]
 DeletePolicy = Literal["never", "after_delivery", "after_days"]
+FirstRun = Literal["fetch", "mark_seen"]
 Pipelining = Literal["auto", "on", "off"]
 LogFormat = Literal["auto", "json", "console", "journal"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -130,11 +134,31 @@ def _log_level(value: object) -> object:
     return value
 
 
+def _one_or_list(value: object) -> object:
+    """`key = "x"` and `key = ["x", "y"]` both mean a list."""
+    return [value] if isinstance(value, str | Path) else value
+
+
+def _ca_source(value: str) -> str:
+    """A tls_ca_file entry: "system" (the system CAs) or an absolute path to a PEM bundle."""
+    return value if value == "system" else str(_absolute_path(value))
+
+
+def _fingerprint(value: object) -> str:
+    return normalize_fingerprint(value)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 AbsolutePath = Annotated[Path, BeforeValidator(_absolute_path)]
 SecretPath = Annotated[Path, BeforeValidator(_expand_path)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+CaFiles = Annotated[
+    tuple[Annotated[str, AfterValidator(_ca_source)], ...], BeforeValidator(_one_or_list)
+]
+Fingerprints = Annotated[
+    tuple[Annotated[str, BeforeValidator(_fingerprint)], ...], BeforeValidator(_one_or_list)
+]
 
 _MODEL_CONFIG = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
@@ -157,7 +181,8 @@ class Account(BaseModel):
     port: Annotated[int, Field(ge=1, le=65535)]
     tls: TlsMode = "implicit"
     allow_plaintext: bool = False
-    tls_ca_file: AbsolutePath | None = None
+    tls_ca_file: Annotated[CaFiles, Field(min_length=1)] | None = None
+    tls_fingerprint: Fingerprints = ()
     tls_verify: bool = True
     username: NonEmptyStr
     password: SecretStr | None = None
@@ -174,6 +199,7 @@ class Account(BaseModel):
     utf8: bool = True
     pipelining: Annotated[Pipelining, BeforeValidator(_on_off)] = "auto"
     allow_uidl_reset: bool = False
+    first_run: FirstRun = "fetch"
     enabled: bool = True
 
     @model_validator(mode="before")
@@ -274,6 +300,16 @@ def _account_problems(account: Account) -> list[tuple[str, str]]:
                 "auth",
                 f'"{account.auth}" would reveal the password over tls = "none"; use tls = '
                 '"implicit" or "starttls", or auth = "apop", "cram-md5" or "scram-sha-256"',
+            )
+        )
+    if account.tls_fingerprint and account.tls == "none":
+        problems.append(("tls_fingerprint", 'has no effect with tls = "none"; remove it'))
+    if account.tls_fingerprint and account.tls_ca_file is not None:
+        problems.append(
+            (
+                "tls_ca_file",
+                "conflicts with tls_fingerprint (a pinned certificate needs no CA): "
+                "set only one of them",
             )
         )
     if account.delete == "after_days" and account.delete_after_days is None:
@@ -573,6 +609,24 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     if problems or settings is None:
         raise ConfigError(problems)
     return Config(**dict(settings), accounts=accounts, warnings=tuple(_config_warnings(accounts)))
+
+
+def raw_account_tables(text: str, source: str = "<string>") -> dict[str, dict[str, Any]]:
+    """Each account's known keys as written, [defaults] merged in, unvalidated.
+
+    For ``check-config``, which also checks the files and secrets an account refers to when
+    some other key of that account is invalid. Problems are ignored here (parse_config
+    reports them); invalid TOML raises `ConfigError`.
+    """
+    data = _parse_toml(text, source)
+    ignored: list[str] = []
+    defaults = _check_keys(["defaults"], _table(data, "defaults", ignored), ignored)
+    tables = _table(data, "accounts", ignored)
+    return {
+        name: _merge(defaults, _check_keys(["accounts", name], table, ignored))
+        for name, table in tables.items()
+        if isinstance(table, dict) and _valid_name(name)
+    }
 
 
 def load_config(path: Path) -> Config:

@@ -85,6 +85,10 @@ class CertificateError(TlsError):
     """
 
     exit_code = ExitCode.PROTOCOL
+    #: OpenSSL's X509_V_ERR code when verification failed (62 = host name mismatch).
+    x509_error: int | None = None
+    #: The certificate's ``sha256:...`` fingerprint when it matched no tls_fingerprint.
+    fingerprint: str | None = None
 
 
 class LocalIOError(PopsyncError):

@@ -9,33 +9,58 @@ socket exception:
 * refused, reset, unreachable, unknown host -> :class:`~popsync.errors.NetworkError`;
 * a certificate that fails verification -> :class:`~popsync.errors.CertificateError`;
 * any other TLS failure -> :class:`~popsync.errors.TlsError`.
+
+Trust is built by :func:`client_context`: the system CAs, only the given CA bundles, both
+(``"system"`` among them), or certificate pinning (``tls_fingerprint``), where the leaf
+certificate's SHA-256 must match and its chain and names do not matter. The probes at the
+end (:func:`probe_greeting`, :func:`probe_tls`) open a second, short connection to tell a
+misconfiguration (implicit TLS on a plain port, or the reverse) from a network problem.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import os
+import select
 import socket
 import ssl
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from .errors import CertificateError, NetworkError, TlsError
+from .errors import CertificateError, ConfigError, NetworkError, TlsError
+from .units import normalize_fingerprint
 
 __all__ = [
     "DEFAULT_RECV_SIZE",
     "GLOBAL_DEFAULT_TIMEOUT",
+    "SYSTEM_CAS",
     "NetworkTimeout",
+    "PinnedContext",
     "SSLCertVerificationError",
     "SSLContext",
     "SSLError",
     "Socket",
     "Stream",
+    "certificate_fingerprint",
+    "check_ca_file",
+    "client_context",
     "close_socket",
     "connect",
+    "decode_certificate",
     "default_context",
+    "normalize_fingerprint",
     "open_socket",
+    "probe_greeting",
+    "probe_tls",
+    "unverified_context",
 ]
+
+#: In a ``tls_ca_file`` list, this entry stands for the system's trusted CAs.
+SYSTEM_CAS = "system"
 
 #: Read size: large reads mean few system calls and few core calls per message.
 DEFAULT_RECV_SIZE = 256 * 1024
@@ -66,6 +91,109 @@ def default_context(cafile: Path | None = None, verify: bool = True) -> ssl.SSLC
     return context
 
 
+class PinnedContext(ssl.SSLContext):
+    """A context that accepts exactly the certificates whose SHA-256 is in ``pins``.
+
+    The handshake itself verifies nothing (a self-signed certificate has no chain to check);
+    :meth:`Stream.start_tls` compares the leaf certificate before any byte is exchanged.
+    """
+
+    pins: frozenset[str] = frozenset()
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    """The ``sha256:AB:CD:...`` fingerprint of a DER certificate, as tls_fingerprint takes it."""
+    return normalize_fingerprint(hashlib.sha256(der).hexdigest())
+
+
+def decode_certificate(der: bytes) -> dict[str, Any]:
+    """Subject, issuer, validity and names of a DER certificate, as ``getpeercert()`` gives.
+
+    ``getpeercert()`` parses only certificates that passed verification, but a diagnosis
+    needs the untrusted ones too; CPython's own decoder (``_test_decode_cert``, used by its
+    test suite) reads a PEM file. Returns {} if that decoder is unavailable or fails.
+    """
+    decoder = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decoder is None:
+        return {}
+    fd, name = tempfile.mkstemp(suffix=".pem")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(ssl.DER_cert_to_PEM_cert(der))
+        return dict(decoder(name))
+    except (OSError, ValueError, ssl.SSLError):
+        return {}
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def _tls12(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def unverified_context() -> ssl.SSLContext:
+    """A context that checks nothing: only for looking at a certificate, never for a login."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return _tls12(context)
+
+
+def check_ca_file(path: Path) -> str | None:
+    """Why ``path`` cannot serve as a CA bundle, or None when it loads."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    except ssl.SSLError as exc:
+        return f"{path} holds no usable PEM certificate ({exc.reason or exc})"
+    return None
+
+
+def client_context(
+    ca_files: Sequence[Path | str] | None = None,
+    *,
+    verify: bool = True,
+    fingerprints: Sequence[str] = (),
+) -> ssl.SSLContext:
+    """The TLS context for an account: TLS 1.2 or newer, and trust as configured.
+
+    ``ca_files`` None trusts the system CAs; otherwise only the bundles listed, plus the
+    system CAs when :data:`SYSTEM_CAS` is among them. ``fingerprints`` pins the server
+    certificate instead (chain and names are then not checked). A bundle that cannot be
+    loaded raises :class:`~popsync.errors.ConfigError` naming it.
+    """
+    if fingerprints:
+        pinned = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+        pinned.check_hostname = False
+        pinned.verify_mode = ssl.CERT_NONE
+        pinned.pins = frozenset(normalize_fingerprint(f) for f in fingerprints)
+        return _tls12(pinned)
+    if ca_files is None:
+        return default_context(verify=verify)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    problems = []
+    for entry in ca_files:
+        if str(entry) == SYSTEM_CAS:
+            context.load_default_certs()
+            continue
+        problem = check_ca_file(Path(entry))
+        if problem is None:
+            context.load_verify_locations(cafile=str(entry))
+        else:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return _tls12(context)
+
+
 def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
@@ -77,9 +205,11 @@ def _mapped(where: str, action: str, timeout: float | None) -> Iterator[None]:
         yield
     except ssl.SSLCertVerificationError as exc:
         reason = exc.verify_message or exc.reason or str(exc)
-        raise CertificateError(
+        error = CertificateError(
             f"{where}: server certificate verification failed during {action}: {reason}"
-        ) from exc
+        )
+        error.x509_error = exc.verify_code
+        raise error from exc
     except ssl.SSLError as exc:
         raise TlsError(f"{where}: TLS error during {action}: {exc.reason or exc}") from exc
     except TimeoutError as exc:
@@ -129,6 +259,33 @@ class Stream:
         """Do a client TLS handshake on this connection (after the server's STLS +OK)."""
         with _mapped(self.where, "TLS handshake", self._timeout):
             self._sock = context.wrap_socket(self._sock, server_hostname=server_hostname)
+        if isinstance(context, PinnedContext):
+            self._check_pin(context.pins)
+
+    def _check_pin(self, pins: frozenset[str]) -> None:
+        der = self.peer_certificate()
+        found = certificate_fingerprint(der) if der else "none"
+        if found not in pins:
+            self.close()
+            error = CertificateError(
+                f"{self.where}: the server certificate ({found}) matches no tls_fingerprint"
+            )
+            error.fingerprint = found
+            raise error
+
+    def peer_certificate(self) -> bytes | None:
+        """The server's leaf certificate (DER) on a TLS stream, verified or not."""
+        if not isinstance(self._sock, ssl.SSLSocket):
+            return None
+        return self._sock.getpeercert(binary_form=True)
+
+    def readable_within(self, seconds: float) -> bool:
+        """True when the server sent something (or closed) within ``seconds``; reads nothing."""
+        try:
+            ready, _, _ = select.select([self._sock], [], [], seconds)
+        except (OSError, ValueError):
+            return True  # let the next recv() report it
+        return bool(ready)
 
     def recv(self, size: int = DEFAULT_RECV_SIZE) -> bytes:
         """Return up to ``size`` bytes; ``b""`` means the server closed the connection."""
@@ -223,3 +380,37 @@ def close_socket(sock: socket.socket) -> None:
             raise
     finally:
         sock.close()
+
+
+def probe_greeting(host: str, port: int, timeout: float) -> bytes | None:
+    """Connect in plain text and return the first line the server sends (at most 512 bytes).
+
+    None when nothing arrives in ``timeout`` or the connection fails. Used after a failed
+    TLS handshake: a ``+OK`` here means the port speaks plain POP3.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            data = b""
+            while b"\n" not in data and len(data) < 512:
+                chunk = sock.recv(512 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    return data.split(b"\n", 1)[0][:512] or None
+
+
+def probe_tls(host: str, port: int, timeout: float, server_hostname: str | None = None) -> bool:
+    """True when a TLS handshake (checking nothing) succeeds on a fresh connection.
+
+    Used when a plain connection stays silent: a POP3S port waits for our ClientHello.
+    """
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as sock,
+            unverified_context().wrap_socket(sock, server_hostname=server_hostname or host),
+        ):
+            return True
+    except (OSError, ssl.SSLError):
+        return False

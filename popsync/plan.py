@@ -90,8 +90,8 @@ class Plan:
 
 
 def _show(uidls: Sequence[bytes]) -> str:
-    """Name a few UIDLs for a warning without flooding the log."""
-    shown = ", ".join(repr(u) for u in uidls[:_MAX_NAMED])
+    """Name a few UIDLs for a warning as text (not b'...'), without flooding the log."""
+    shown = ", ".join(u.decode("ascii", "backslashreplace")[:80] for u in uidls[:_MAX_NAMED])
     return shown + (", ..." if len(uidls) > _MAX_NAMED else "")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 from popsync.config import Account
 from popsync.errors import SecretError
 
-__all__ = ["COMMAND_TIMEOUT", "MAX_SECRET_BYTES", "resolve_secret"]
+__all__ = ["COMMAND_TIMEOUT", "MAX_SECRET_BYTES", "check_secret_source", "resolve_secret"]
 
 #: Seconds a password_command may run before it is killed.
 COMMAND_TIMEOUT = 30.0
@@ -36,34 +37,71 @@ def resolve_secret(account: Account, *, env: Mapping[str, str] | None = None) ->
     if account.password is not None:
         return account.password.get_secret_value()
     if account.password_file is not None:
-        return _from_file(account, account.password_file, os.environ if env is None else env)
+        return _from_file(account.name, account.password_file, os.environ if env is None else env)
     if account.password_env is not None:
-        return _from_env(account, account.password_env, os.environ if env is None else env)
+        return _from_env(account.name, account.password_env, os.environ if env is None else env)
     if account.password_command is not None:
-        return _from_command(account, account.password_command, env)
+        return _from_command(account.name, account.password_command, env)
     raise SecretError([f"accounts.{account.name}: no password source configured"])
 
 
-def _fail(account: Account, key: str, message: str) -> SecretError:
-    return SecretError([f"accounts.{account.name}.{key}: {message}"])
+def check_secret_source(
+    name: str, key: str, value: object, *, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """Problems with one secret source of account ``name``, found without running anything.
+
+    A file is opened and checked as at sync time (exists, regular, safe mode, not empty), an
+    environment variable must be set and non-empty, a command's program must be executable
+    (it is not run: it may prompt, cost money or rotate a token). The secret is never returned.
+    """
+    env = os.environ if env is None else env
+    try:
+        if key == "password_file" and isinstance(value, str | Path):
+            _from_file(name, Path(os.path.expanduser(str(value))), env)
+        elif key == "password_env" and isinstance(value, str):
+            _from_env(name, value, env)
+        elif key == "password_command" and isinstance(value, str):
+            _command_runnable(name, value, env)
+    except SecretError as exc:
+        return exc.problems
+    return []
 
 
-def _from_env(account: Account, name: str, env: Mapping[str, str]) -> str:
-    value = env.get(name)
+def _command_runnable(name: str, command: str, env: Mapping[str, str]) -> None:
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        return  # the config parser reports it
+    if not argv:
+        return
+    program = argv[0]
+    if "/" in program:
+        if not os.access(program, os.X_OK) or not os.path.isfile(program):
+            raise _fail(name, "password_command", f"{program} is not an executable file")
+    elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        raise _fail(name, "password_command", f"{program!r} not found in $PATH")
+
+
+def _fail(name: str, key: str, message: str) -> SecretError:
+    return SecretError([f"accounts.{name}.{key}: {message}"])
+
+
+def _from_env(name: str, variable: str, env: Mapping[str, str]) -> str:
+    value = env.get(variable)
     if value is None:
-        raise _fail(account, "password_env", f"environment variable {name} is not set")
+        raise _fail(name, "password_env", f"environment variable {variable} is not set")
     if not value:
-        raise _fail(account, "password_env", f"environment variable {name} is empty")
+        raise _fail(name, "password_env", f"environment variable {variable} is empty")
     return value
 
 
-def _secret_path(account: Account, path: Path, env: Mapping[str, str]) -> tuple[Path, bool]:
+def _secret_path(name: str, path: Path, env: Mapping[str, str]) -> tuple[Path, bool]:
     """Resolve a relative name against $CREDENTIALS_DIRECTORY; say whether systemd manages it."""
     credentials = env.get("CREDENTIALS_DIRECTORY", "")
     if not path.is_absolute():
         if not credentials:
             raise _fail(
-                account,
+                name,
                 "password_file",
                 f"relative path {str(path)!r} needs $CREDENTIALS_DIRECTORY (systemd "
                 "LoadCredential=); use an absolute path otherwise",
@@ -74,43 +112,43 @@ def _secret_path(account: Account, path: Path, env: Mapping[str, str]) -> tuple[
     return path, managed
 
 
-def _from_file(account: Account, configured: Path, env: Mapping[str, str]) -> str:
-    path, managed = _secret_path(account, configured, env)
+def _from_file(name: str, configured: Path, env: Mapping[str, str]) -> str:
+    path, managed = _secret_path(name, configured, env)
     try:
         # O_NONBLOCK: opening a FIFO by mistake must not hang the job; it is refused below.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as handle:
             mode = os.fstat(handle.fileno()).st_mode
             if not stat.S_ISREG(mode):
-                raise _fail(account, "password_file", f"{path} is not a regular file")
+                raise _fail(name, "password_file", f"{path} is not a regular file")
             if mode & (stat.S_IRGRP | stat.S_IROTH) and not managed:
                 raise _fail(
-                    account,
+                    name,
                     "password_file",
                     f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
                     f"run chmod 600 {path}",
                 )
             data = handle.read(MAX_SECRET_BYTES + 1)
     except OSError as exc:
-        raise _fail(account, "password_file", f"cannot read {path}: {exc.strerror}") from None
+        raise _fail(name, "password_file", f"cannot read {path}: {exc.strerror}") from None
     if len(data) > MAX_SECRET_BYTES:
-        raise _fail(account, "password_file", f"{path} is larger than {MAX_SECRET_BYTES} bytes")
-    text = _decode(account, "password_file", data, str(path))
+        raise _fail(name, "password_file", f"{path} is larger than {MAX_SECRET_BYTES} bytes")
+    text = _decode(name, "password_file", data, str(path))
     # Editors and `echo` add one newline; anything else is part of the secret.
     text = text.removesuffix("\n").removesuffix("\r")
     if not text:
-        raise _fail(account, "password_file", f"{path} is empty")
+        raise _fail(name, "password_file", f"{path} is empty")
     return text
 
 
-def _decode(account: Account, key: str, data: bytes, what: str) -> str:
+def _decode(name: str, key: str, data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise _fail(account, key, f"{what} is not valid UTF-8") from None
+        raise _fail(name, key, f"{what} is not valid UTF-8") from None
 
 
-def _from_command(account: Account, command: str, env: Mapping[str, str] | None) -> str:
+def _from_command(name: str, command: str, env: Mapping[str, str] | None) -> str:
     argv = shlex.split(command)
     what = f"command {argv[0]!r}" if argv else "command"
     try:
@@ -125,16 +163,16 @@ def _from_command(account: Account, command: str, env: Mapping[str, str] | None)
         )
     except subprocess.TimeoutExpired:
         message = f"{what} timed out after {COMMAND_TIMEOUT:g}s"
-        raise _fail(account, "password_command", message) from None
+        raise _fail(name, "password_command", message) from None
     except OSError as exc:
-        raise _fail(account, "password_command", f"cannot run {what}: {exc.strerror}") from None
+        raise _fail(name, "password_command", f"cannot run {what}: {exc.strerror}") from None
     if result.returncode != 0:
         message = f"{what} {_status(result.returncode)}{_stderr_tail(result.stderr)}"
-        raise _fail(account, "password_command", message)
+        raise _fail(name, "password_command", message)
     first_line = result.stdout.split(b"\n", 1)[0].removesuffix(b"\r")
-    secret = _decode(account, "password_command", first_line, f"output of {what}")
+    secret = _decode(name, "password_command", first_line, f"output of {what}")
     if not secret:
-        raise _fail(account, "password_command", f"{what} printed nothing on its first line")
+        raise _fail(name, "password_command", f"{what} printed nothing on its first line")
     return secret
 
 

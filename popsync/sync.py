@@ -40,10 +40,11 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 
-from popsync.errors import ExitCode, LocalIOError, PopsyncError
+from popsync.errors import ConfigError, ExitCode, LocalIOError, PopsyncError
 from popsync.maildir import Maildir, MessageMissing, TmpMessage, sanitize_host
 from popsync.plan import Plan, Policy, plan_sync
 from popsync.pop3 import errors as pop3_errors
+from popsync.units import human_bytes
 
 if TYPE_CHECKING:
     from popsync.client import Pop3Client, Sink
@@ -59,6 +60,8 @@ __all__ = [
     "StopRequested",
     "classify_error",
     "clean_debris",
+    "is_first_run",
+    "mark_seen",
     "recover",
     "sync_account",
 ]
@@ -121,6 +124,8 @@ class RunResult:
     deleted: int = 0
     recovered: int = 0
     forgotten: int = 0
+    #: Messages recorded as delivered without fetching (first_run = "mark_seen").
+    marked_seen: int = 0
     on_server: int = 0
     started: float = 0.0
     duration: float = 0.0
@@ -134,23 +139,16 @@ class RunResult:
         if self.outcome != "ok":
             return f"{self.account}: FAILED ({self.outcome}) {self.error}"
         parts = [
-            f"{self.fetched} fetched ({_human_bytes(self.bytes)})",
+            f"{self.fetched} fetched ({human_bytes(self.bytes)})",
             f"{self.skipped} skipped",
             f"{self.deleted} deleted",
         ]
         if self.recovered:
             parts.append(f"{self.recovered} recovered")
+        if self.marked_seen:
+            parts.append(f"{self.marked_seen} marked seen (first_run)")
         parts.append(f"{self.on_server} on server")
         return f"{self.account}: ok, " + ", ".join(parts) + f" in {self.duration:.2f}s"
-
-
-def _human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def classify_error(exc: BaseException, *, during_login: bool = False) -> ExitCode:
@@ -434,37 +432,42 @@ def _fetch(
 
 # ------------------------------------------------------------------------------ session
 def _connect(account: Account, secret: str) -> Pop3Client:
-    """Connect, negotiate TLS and UTF8, and log in, in mpop's order."""
-    from popsync import net
-    from popsync.client import Pop3Client
+    """Connect, negotiate TLS and UTF8, and log in, in mpop's order (see popsync.session)."""
+    from popsync.session import open_session
 
-    context = None
-    if account.tls != "none":
-        context = net.default_context(account.tls_ca_file, account.tls_verify)
-    # With tls="starttls" connect() itself does STLS (and fails before any credential
-    # is sent when the server does not offer it).
-    client = Pop3Client.connect(
-        account.host,
-        account.port,
-        tls=account.tls,
-        context=context,
-        timeout=account.timeout,
-        pipelining=account.pipelining != "off",
-    )
-    try:
-        caps = client.capabilities()
-        if account.utf8 and "UTF8" in caps:
-            client.utf8()
-        client.login(
-            account.username,
-            secret,
-            mechanism=account.auth,
-            allow_plaintext=account.allow_plaintext,
+    return open_session(account, secret)
+
+
+def _open_maildir(account: Account) -> Maildir:
+    """The account's Maildir; a missing parent directory is a config error, not disk trouble."""
+    path = account.maildir
+    if not path.exists() and not path.parent.is_dir():
+        raise ConfigError(
+            [
+                f"accounts.{account.name}.maildir: parent directory {path.parent} does not "
+                "exist (popsync creates only the Maildir itself): create it or fix the path"
+            ]
         )
-    except BaseException:
-        client.close()
-        raise
-    return client
+    return Maildir(path)
+
+
+def is_first_run(store: SeenStore, account: str) -> bool:
+    """True when the store knows nothing of ``account``: no message and no run."""
+    return not store.entries(account) and account not in store.last_runs()
+
+
+def mark_seen(
+    store: SeenStore, account: str, listing: list[tuple[int, bytes, int | None]], now: float
+) -> int:
+    """Record every listed UIDL not yet known as delivered, without fetching; return how many.
+
+    Pending rows are left for recovery: their message may already be in the Maildir.
+    """
+    known = store.entries(account)
+    fresh = list(dict.fromkeys(uidl for _, uidl, _ in listing if uidl not in known))
+    if fresh:
+        store.mark_delivered(account, [(uidl, "") for uidl in fresh], now)
+    return len(fresh)
 
 
 def _login_delay(client: Pop3Client) -> float | None:
@@ -512,6 +515,11 @@ def _session(
         )
         result.retry_after = _login_delay(client)
         result.on_server = len(listing)
+        if account.first_run == "mark_seen" and is_first_run(store, account.name):
+            result.marked_seen = mark_seen(store, account.name, listing, clock())
+            log.info("first run: marked every message as seen", count=result.marked_seen)
+            client.quit()
+            return
         plan = plan_sync(listing, store.entries(account.name), _policy(account), clock())
         log.debug(
             "planned",
@@ -522,8 +530,12 @@ def _session(
             too_large=len(plan.too_large),
         )
         for warning in plan.warnings:
-            log.warning("plan warning", detail=warning)
+            if _warning_is_new(account.name, warning):
+                log.warning("plan warning", detail=warning)
+            else:
+                log.debug("plan warning (unchanged since the last run)", detail=warning)
             result.warnings.append(warning)
+        _forget_old_warnings(account.name, plan.warnings)
         result.skipped = len(plan.too_large)
         deletable = _after_delivery(account, plan)
         total = len(plan.fetch)
@@ -543,6 +555,22 @@ def _session(
         _delete(account, client, store, plan, deletable, result, clock)
     finally:
         client.close()
+
+
+#: The plan warnings each account logged last run: a daemon repeats one only when it
+#: changes (a new oversized message changes the text), not every poll.
+_last_warnings: dict[str, frozenset[str]] = {}
+_warnings_lock = threading.Lock()
+
+
+def _warning_is_new(account: str, warning: str) -> bool:
+    with _warnings_lock:
+        return warning not in _last_warnings.get(account, frozenset())
+
+
+def _forget_old_warnings(account: str, warnings: tuple[str, ...]) -> None:
+    with _warnings_lock:
+        _last_warnings[account] = frozenset(warnings)
 
 
 class _Deletable:
@@ -613,7 +641,7 @@ def sync_account(
     during_login = False
     try:
         with store.lock(account.name):
-            maildir = Maildir(account.maildir)
+            maildir = _open_maildir(account)
             result.recovered = recover(account.name, store, maildir, clock())
             if result.recovered:
                 log.info("recovered interrupted deliveries", count=result.recovered)

@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-__all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
+__all__ = [
+    "format_duration",
+    "format_size",
+    "human_bytes",
+    "normalize_fingerprint",
+    "parse_duration",
+    "parse_size",
+]
 
 _DURATION_UNITS: dict[str, Decimal] = {
     "ms": Decimal("0.001"),
@@ -126,3 +133,29 @@ def format_size(size: int) -> str:
         if size and size % step == 0:
             return f"{size // step}{unit}"
     return f"{size}B"
+
+
+def human_bytes(count: int) -> str:
+    """Render a byte count for people, rounded (1536 -> "1.5 KiB"); not parseable back."""
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+_FINGERPRINT_RE = re.compile(r"(?:sha256:)?((?:[0-9A-Fa-f]{2}:?){32})", re.IGNORECASE)
+
+
+def normalize_fingerprint(text: object) -> str:
+    """``"sha256:ab:cd..."`` (or bare hex) -> ``"sha256:AB:CD:..."``; ValueError if malformed."""
+    match = _FINGERPRINT_RE.fullmatch(text.strip()) if isinstance(text, str) else None
+    digits = match[1].replace(":", "") if match else ""
+    if len(digits) != 64:
+        shown = repr(text[:100]) if isinstance(text, str) else type(text).__name__
+        raise ValueError(
+            f'not a SHA-256 fingerprint (got {shown}); expected "sha256:" and 32 hex bytes'
+            " separated by colons, as `popsync test` prints it"
+        )
+    return "sha256:" + ":".join(digits[i : i + 2] for i in range(0, 64, 2)).upper()

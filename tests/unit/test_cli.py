@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from popsync.cli import main, worst_exit_code
+from popsync.cli import config_search_path, main, worst_exit_code
 from popsync.errors import ExitCode
 from popsync.seen import RunRecord, SeenStore
 
@@ -91,7 +91,8 @@ def test_check_config_resolves_password_sources(
         f'maildir = "{tmp_path}"\n',
     )
     assert main(["check-config", "-c", str(path)]) == ExitCode.CONFIG
-    assert "accounts.a:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"  accounts.a.password_file: cannot read {tmp_path / 'nope'}: No such file" in err
 
 
 def test_missing_config_file_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -153,3 +154,88 @@ def test_worst_exit_code_prefers_what_needs_a_human() -> None:
     assert worst_exit_code([ExitCode.TEMPORARY, ExitCode.AUTH]) == ExitCode.AUTH
     assert worst_exit_code([ExitCode.OK, ExitCode.TEMPORARY]) == ExitCode.TEMPORARY
     assert worst_exit_code([ExitCode.AUTH, ExitCode.CONFIG]) == ExitCode.CONFIG
+
+
+def test_config_search_path_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without -c: $POPSYNC_CONFIG, else $XDG_CONFIG_HOME/popsync/config.toml, else /etc."""
+    monkeypatch.delenv("POPSYNC_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert config_search_path() == [
+        tmp_path / "xdg" / "popsync" / "config.toml",
+        Path("/etc/popsync/config.toml"),
+    ]
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config_search_path()[0] == tmp_path / "home" / ".config" / "popsync" / "config.toml"
+    (tmp_path / "home" / ".config" / "popsync").mkdir(parents=True)
+    _good(tmp_path).rename(tmp_path / "home" / ".config" / "popsync" / "config.toml")
+    assert main(["check-config"]) == 0
+    assert str(tmp_path / "home" / ".config" / "popsync" / "config.toml") in capsys.readouterr().out
+    monkeypatch.setenv("POPSYNC_CONFIG", str(tmp_path / "other.toml"))
+    assert config_search_path() == [tmp_path / "other.toml"]
+
+
+def test_no_config_found_names_the_search_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When no config exists anywhere, the error lists where popsync looked."""
+    monkeypatch.delenv("POPSYNC_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    if Path("/etc/popsync/config.toml").exists():
+        pytest.skip("this machine has /etc/popsync/config.toml")
+    assert main(["status"]) == ExitCode.CONFIG
+    err = capsys.readouterr().err
+    assert f"none found (looked for {tmp_path / 'xdg' / 'popsync' / 'config.toml'}, " in err
+    assert "/etc/popsync/config.toml); use -c FILE" in err
+
+
+def test_healthcheck_max_age_takes_durations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-age accepts "5m" like the config does, and rejects nonsense as a usage error."""
+    path = _good(tmp_path)
+    _record(path, "home", "ok", age=120)
+    assert main(["healthcheck", "-c", str(path), "--max-age", "5m"]) == 0
+    assert main(["healthcheck", "-c", str(path), "--max-age", "1m"]) == ExitCode.TEMPORARY
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["healthcheck", "-c", str(path), "--max-age", "soon"])
+    assert info.value.code == ExitCode.USAGE
+    assert "invalid duration 'soon'" in capsys.readouterr().err
+
+
+def test_check_config_reports_everything_in_one_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Key errors, secrets, CA bundles and Maildir parents: all at once, each key once."""
+    monkeypatch.delenv("POPSYNC_UNSET_PW", raising=False)
+    loose = tmp_path / "loose.pw"
+    loose.write_text("pw\n")
+    loose.chmod(0o644)
+    head = 'host = "h"\nusername = "u"\n'
+    path = _write(
+        tmp_path,
+        f'[accounts.a]\n{head}prot = 1\npassword_file = "{tmp_path / "missing.pw"}"\n'
+        f'maildir = "{tmp_path / "a"}"\n'
+        f'[accounts.b]\n{head}password_env = "POPSYNC_UNSET_PW"\nmaildir = "{tmp_path / "b"}"\n'
+        f'[accounts.c]\n{head}password_command = "no-such-program-xyz --token"\n'
+        f'maildir = "{tmp_path / "no" / "parent" / "c"}"\n'
+        f'tls_ca_file = ["system", "{tmp_path / "ca.pem"}"]\n'
+        f'[accounts.d]\n{head}password_file = "{loose}"\nmaildir = "{tmp_path / "d"}"\n',
+    )
+    assert main(["check-config", "-c", str(path)]) == ExitCode.CONFIG
+    lines = capsys.readouterr().err.splitlines()[1:]
+    assert lines == [
+        "  accounts.a.prot: unknown key; did you mean 'port'?",
+        f"  accounts.a.password_file: cannot read {tmp_path / 'missing.pw'}: No such file or "
+        "directory",
+        "  accounts.b.password_env: environment variable POPSYNC_UNSET_PW is not set",
+        "  accounts.c.password_command: 'no-such-program-xyz' not found in $PATH",
+        f"  accounts.c.tls_ca_file: {tmp_path / 'ca.pem'} does not exist",
+        f"  accounts.c.maildir: parent directory {tmp_path / 'no' / 'parent'} does not exist "
+        "(popsync creates only the Maildir)",
+        f"  accounts.d.password_file: {loose} is readable by group or others (mode 0644); "
+        f"run chmod 600 {loose}",
+    ]

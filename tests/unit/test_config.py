@@ -44,6 +44,7 @@ def test_minimal_account_gets_every_default() -> None:
         "tls": "implicit",
         "allow_plaintext": False,
         "tls_ca_file": None,
+        "tls_fingerprint": (),
         "tls_verify": True,
         "username": "me@example.com",
         "password": None,
@@ -60,6 +61,7 @@ def test_minimal_account_gets_every_default() -> None:
         "utf8": True,
         "pipelining": "auto",
         "allow_uidl_reset": False,
+        "first_run": "fetch",
         "enabled": True,
     }
     assert account.secret_source == "password_env"

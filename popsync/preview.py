@@ -1,0 +1,157 @@
+"""Look before acting: ``popsync ls`` and ``popsync --once --dry-run``.
+
+Both log in, list the mailbox and compare it with the seen-store, and change nothing: no
+RETR, no DELE (QUIT with nothing marked deletes nothing), no Maildir, no store write. The
+store is read only if it already exists, so a dry run before the first real one does not
+even create it.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.parser
+import email.policy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from popsync.plan import Plan, plan_sync
+from popsync.session import clean_text, open_session
+
+if TYPE_CHECKING:
+    from popsync.client import Pop3Client
+    from popsync.config import Account
+    from popsync.seen import SeenEntry
+
+__all__ = ["HEADER_FIELDS", "Listed", "dry_run", "list_mailbox", "read_entries"]
+
+#: Header fields ``ls --headers`` shows.
+HEADER_FIELDS = ("From", "Date", "Subject")
+_HEADER_LIMIT = 64 * 1024  # TOP n 0 of a hostile server is cut off here
+
+
+@dataclass
+class Listed:
+    """One message on the server and what the seen-store says about it."""
+
+    msgnum: int
+    uidl: str
+    size: int | None
+    state: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For ``--json``."""
+        return {
+            "number": self.msgnum,
+            "size": self.size,
+            "uidl": self.uidl,
+            "state": self.state,
+            **({"headers": self.headers} if self.headers else {}),
+        }
+
+
+def read_entries(db: Path, account: str) -> Mapping[bytes, SeenEntry]:
+    """The account's seen rows, or none when the store does not exist yet (never creates it)."""
+    if not db.exists():
+        return {}
+    from popsync.seen import SeenStore
+
+    with SeenStore.open(db) as store:
+        return store.entries(account)
+
+
+def _state(entry: SeenEntry | None, too_large: bool) -> str:
+    if entry is not None:
+        return str(entry.state)
+    return "too large" if too_large else "new"
+
+
+def _uidl_text(uidl: bytes) -> str:
+    return clean_text(uidl.decode("ascii", "backslashreplace"), 80)
+
+
+def list_mailbox(
+    account: Account,
+    secret: str,
+    entries: Mapping[bytes, SeenEntry],
+    *,
+    headers: bool = False,
+) -> list[Listed]:
+    """What is on the server, read-only: UIDL, LIST and, with ``headers``, TOP n 0."""
+    client = open_session(account, secret)
+    try:
+        uidls, sizes = client.listings()
+        limit = account.max_message_size or None
+        rows = [
+            Listed(
+                msgnum,
+                _uidl_text(uidl),
+                sizes.get(msgnum),
+                _state(entries.get(uidl), limit is not None and sizes.get(msgnum, 0) > limit),
+            )
+            for msgnum, uidl in uidls
+        ]
+        if headers and rows:
+            _fetch_headers(client, rows)
+        client.quit()
+    finally:
+        client.close()
+    return rows
+
+
+class _Capped:
+    """A sink that keeps at most _HEADER_LIMIT bytes of a TOP reply."""
+
+    def __init__(self) -> None:
+        self.buffer = BytesIO()
+
+    def write(self, data: bytes, /) -> int:
+        room = _HEADER_LIMIT - self.buffer.tell()
+        if room > 0:
+            self.buffer.write(data[:room])
+        return len(data)
+
+
+def _fetch_headers(client: Pop3Client, rows: list[Listed]) -> None:
+    by_number = {row.msgnum: row for row in rows}
+
+    def done(msgnum: int, sink: object, size: int) -> None:
+        assert isinstance(sink, _Capped)
+        by_number[msgnum].headers = decode_headers(sink.buffer.getvalue())
+
+    client.top_many(list(by_number), 0, lambda _: _Capped(), done)
+
+
+def decode_headers(raw: bytes) -> dict[str, str]:
+    """From, Date and Subject of a message head, MIME-decoded and made safe to print."""
+    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+    message = parser.parsebytes(raw)
+    shown: dict[str, str] = {}
+    for name in HEADER_FIELDS:
+        value = message.get(name)
+        if value is None:
+            continue
+        try:
+            text = str(email.header.make_header(email.header.decode_header(str(value))))
+        except (ValueError, LookupError, UnicodeError):
+            text = str(value)
+        shown[name.lower()] = clean_text(" ".join(text.split()), 200)
+    return shown
+
+
+def dry_run(account: Account, secret: str, entries: Mapping[bytes, SeenEntry], now: float) -> Plan:
+    """The plan a sync would carry out now; nothing is fetched, deleted or recorded."""
+    from popsync.sync import _policy
+
+    client = open_session(account, secret)
+    try:
+        uidls, sizes = client.listings()
+        listing = [(msgnum, uidl, sizes.get(msgnum)) for msgnum, uidl in uidls]
+        plan = plan_sync(listing, entries, _policy(account), now)
+        client.quit()
+    finally:
+        client.close()
+    return plan
