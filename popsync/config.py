@@ -139,6 +139,12 @@ def _one_or_list(value: object) -> object:
     return [value] if isinstance(value, str | Path) else value
 
 
+def _ca_list(value: object) -> object:
+    if value == []:
+        raise ValueError('must name at least one CA bundle, or "system"')
+    return _one_or_list(value)
+
+
 def _ca_source(value: str) -> str:
     """A tls_ca_file entry: "system" (the system CAs) or an absolute path to a PEM bundle."""
     return value if value == "system" else str(_absolute_path(value))
@@ -154,7 +160,7 @@ AbsolutePath = Annotated[Path, BeforeValidator(_absolute_path)]
 SecretPath = Annotated[Path, BeforeValidator(_expand_path)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 CaFiles = Annotated[
-    tuple[Annotated[str, AfterValidator(_ca_source)], ...], BeforeValidator(_one_or_list)
+    tuple[Annotated[str, AfterValidator(_ca_source)], ...], BeforeValidator(_ca_list)
 ]
 Fingerprints = Annotated[
     tuple[Annotated[str, BeforeValidator(_fingerprint)], ...], BeforeValidator(_one_or_list)
@@ -181,7 +187,7 @@ class Account(BaseModel):
     port: Annotated[int, Field(ge=1, le=65535)]
     tls: TlsMode = "implicit"
     allow_plaintext: bool = False
-    tls_ca_file: Annotated[CaFiles, Field(min_length=1)] | None = None
+    tls_ca_file: CaFiles | None = None
     tls_fingerprint: Fingerprints = ()
     tls_verify: bool = True
     username: NonEmptyStr

@@ -240,3 +240,26 @@ def test_progress_reports_every_delivered_message(
     assert {c[0] for c in calls} == {"acct"}
     assert {c[2] for c in calls} == {5}
     assert calls[-1][3] == result.bytes == sum(len(m) for m in messages)
+
+
+def test_plan_warning_logged_once_per_change(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, store: SeenStore
+) -> None:
+    """An unchanged too-large warning is logged at warning level only when it first appears."""
+    from structlog.testing import capture_logs
+
+    dovecot.deliver(mail_user, make_message(1, body_size=3000))
+    account = _account(dovecot, mail_user, tmp_path, max_message_size=1000)
+
+    def warnings() -> list[str]:
+        with capture_logs() as logs:
+            _sync(account, store)
+        return [e["detail"] for e in logs if e["log_level"] == "warning"]
+
+    first = warnings()
+    assert len(first) == 1
+    assert "left on the server: 00000001" in first[0]
+    assert "b'" not in first[0]
+    assert warnings() == []
+    dovecot.deliver(mail_user, make_message(2, body_size=3000))
+    assert len(warnings()) == 1

@@ -450,3 +450,35 @@ def test_docs_table_lists_every_key() -> None:
     }
     missing = {key for key in keys if f"| `{key}` |" not in text}
     assert missing == set()
+
+
+def test_tls_ca_file_lists_and_fingerprints() -> None:
+    """tls_ca_file takes one path or a list with "system"; tls_fingerprint one or a list."""
+    pin = "sha256:" + ":".join(["0A"] * 32)
+    one = parse_config(MINIMAL + 'tls_ca_file = "/etc/ca.pem"\n').accounts["work"]
+    assert one.tls_ca_file == ("/etc/ca.pem",)
+    both = parse_config(MINIMAL + 'tls_ca_file = ["system", "/etc/ca.pem"]\n').accounts["work"]
+    assert both.tls_ca_file == ("system", "/etc/ca.pem")
+    pinned = parse_config(MINIMAL + f'tls_fingerprint = "{pin.lower()}"\n').accounts["work"]
+    assert pinned.tls_fingerprint == (pin,)
+    assert problems_of(
+        MINIMAL + f'tls_fingerprint = ["{pin}", "sha256:12"]\ntls_ca_file = []\n'
+    ) == [
+        'accounts.work.tls_ca_file: must name at least one CA bundle, or "system"',
+        "accounts.work.tls_fingerprint.1: not a SHA-256 fingerprint (got 'sha256:12'); expected"
+        ' "sha256:" and 32 hex bytes separated by colons, as `popsync test` prints it',
+    ]
+    assert problems_of(MINIMAL + f'tls_fingerprint = "{pin}"\ntls_ca_file = "/ca.pem"\n') == [
+        "accounts.work.tls_ca_file: conflicts with tls_fingerprint (a pinned certificate needs "
+        "no CA): set only one of them"
+    ]
+
+
+def test_first_run_policy() -> None:
+    """first_run is "fetch" or "mark_seen"."""
+    assert parse_config(MINIMAL + 'first_run = "mark_seen"\n').accounts["work"].first_run == (
+        "mark_seen"
+    )
+    assert problems_of(MINIMAL + 'first_run = "skip"\n') == [
+        "accounts.work.first_run: Input should be 'fetch' or 'mark_seen' (got 'skip')"
+    ]

@@ -271,3 +271,10 @@ def test_empty_seen_fetches_every_unique_uidl(listing: list[ListingItem]) -> Non
     """With nothing seen and no size limit, every distinct listed UIDL is fetched once."""
     plan = plan_sync(listing, {}, KEEP, NOW)
     assert {u for _, u, _ in plan.fetch} == {u for _, u, _ in listing}
+
+
+def test_warnings_show_uidls_as_text() -> None:
+    """UIDLs in warnings read as text (000a), never as Python bytes (b'000a')."""
+    plan = plan_sync([(1, b"000a", 500), (2, b"x\xff", 500)], {}, Policy(max_message_size=100), 0.0)
+    assert plan.warnings[0].endswith("left on the server: 000a, x\\xff")
+    assert "b'" not in plan.warnings[0]

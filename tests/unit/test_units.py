@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from popsync.units import format_duration, format_size, parse_duration, parse_size
+from popsync.units import (
+    format_duration,
+    format_size,
+    human_bytes,
+    normalize_fingerprint,
+    parse_duration,
+    parse_size,
+)
 
 __all__: list[str] = []
 
@@ -132,3 +139,23 @@ def test_format_duration_round_trips(seconds: int) -> None:
 def test_format_size_round_trips(size: int) -> None:
     """parse_size reads back whatever format_size writes."""
     assert parse_size(format_size(size)) == size
+
+
+def test_fingerprints_are_normalized() -> None:
+    """tls_fingerprint accepts any case, with or without colons and the sha256: prefix."""
+    canonical = "sha256:" + ":".join(["AB"] * 32)
+    assert normalize_fingerprint("ab" * 32) == canonical
+    assert normalize_fingerprint("SHA256:" + ":".join(["ab"] * 32)) == canonical
+    for bad in ("sha256:AB", "sha1:" + "ab" * 20, "zz" * 32, 7):
+        with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+            normalize_fingerprint(bad)
+
+
+def test_human_bytes() -> None:
+    """Byte counts for people round to one decimal above a KiB."""
+    assert [human_bytes(n) for n in (0, 1023, 1536, 5 * 1024**2)] == [
+        "0 B",
+        "1023 B",
+        "1.5 KiB",
+        "5.0 MiB",
+    ]
