@@ -431,16 +431,18 @@ def _test_accounts(config: Config, names: Sequence[str], args: argparse.Namespac
     for name in names:
         account = _one_account(config, name)
         _say(sys.stdout, f"{name}:")
+        steps: list[str] = []
         code = ExitCode.OK
         try:
-            _test_one(account)
+            _test_one(account, steps)
         except ConfigError as exc:
             code = exc.exit_code
             for problem in exc.problems:
                 _say(sys.stdout, f"  FAILED (configuration): {problem}")
         except Exception as exc:  # every failure is reported, then the next account
             code = classify_error(exc, during_login=True)
-            _say(sys.stdout, f"  FAILED ({code.name.lower()}): {_one_line(exc)}")
+            where = f" after step {steps[-1]!r}" if steps else ""
+            _say(sys.stdout, f"  FAILED ({code.name.lower()}){where}: {_one_line(exc)}")
         codes.append(code)
     return worst_exit_code(codes)
 
@@ -451,10 +453,12 @@ def _one_line(exc: BaseException) -> str:
     return clean_text(str(exc).replace("\n", "; ") or type(exc).__name__, 500)
 
 
-def _test_one(account: Account) -> None:
+def _test_one(account: Account, steps: list[str]) -> None:
+    """Log in step by step, printing each; ``steps`` says how far it got when it fails."""
     from popsync.session import open_session
 
     def report(step: str, text: str) -> None:
+        steps.append(step)
         _say(sys.stdout, f"  {step + ':':<24} {text}")
 
     secret = _secret(account)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,25 @@ def test_dry_run_changes_nothing(
     assert len(dovecot.messages(mail_user)) == 1
     with SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as store:
         assert store.entries("acct") == before
+
+
+def test_dry_run_names_what_it_would_delete(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With delete = "after_days", a message delivered long enough ago is named for DELE,
+    and the dry run still deletes nothing."""
+    dovecot.deliver_many(mail_user, [make_message(i) for i in range(2)])
+    keys = dovecot_keys(
+        dovecot, mail_user, tmp_path / "Maildir", delete="after_days", delete_after_days=1
+    )
+    config = write_config(tmp_path / "c.toml", tmp_path / "state", {"acct": keys})
+    assert main(["ls", "acct", "--json", "-c", str(config)]) == 0
+    first = json.loads(capsys.readouterr().out)[0]["uidl"]
+    with SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as store:
+        store.mark_delivered("acct", [(first.encode(), "")], time.time() - 3 * 86400)
+    assert main(["--once", "--dry-run", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "would fetch 1 message(s)" in out
+    assert "delete 1," in out
+    assert f"  delete: {first}" in out
+    assert len(dovecot.messages(mail_user)) == 2

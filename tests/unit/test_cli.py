@@ -239,3 +239,14 @@ def test_check_config_reports_everything_in_one_round(
         f"  accounts.d.password_file: {loose} is readable by group or others (mode 0644); "
         f"run chmod 600 {loose}",
     ]
+
+
+def test_help_lists_the_switching_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help names test, ls, mark-seen, import-state and --dry-run; --dry-run needs --once."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for word in ("test", "ls", "mark-seen", "import-state", "--dry-run"):
+        assert word in text
+    assert main(["--dry-run", "-c", "/nonexistent.toml"]) == ExitCode.USAGE
+    assert "--dry-run needs --once" in capsys.readouterr().err

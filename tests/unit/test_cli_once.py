@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -18,7 +19,7 @@ from popsync.config import load_config
 from popsync.seen import SeenStore
 from popsync.sync import sync_account
 from tests.conftest import in_ci
-from tests.fake_pop3 import Close, FakePop3Server, Send, StartTLS, Step
+from tests.fake_pop3 import Close, FakePop3Server, Send, Stall, StartTLS, Step
 from tests.synchelp import (
     TomlValue,
     assert_exactly_once,
@@ -287,3 +288,37 @@ def test_progress_bar_tracks_each_account_on_a_terminal() -> None:
         progress("a", 3, 3, 300)
         tasks = {t.description: (t.completed, t.total) for t in bar._bar.tasks}  # type: ignore[attr-defined]
     assert tasks == {"a": (3, 3), "b": (1, 1)}
+
+
+def test_progress_bar_counts_messages_and_shows_bytes_apart() -> None:
+    """The bar shows done/total messages, and the bytes received as their own text."""
+    from rich.console import Console
+    from rich.progress import DownloadColumn, Progress
+
+    bar = _ProgressBar(enabled=True)
+    with bar as progress:
+        assert progress is not None
+        progress("a", 342, 500, 3 * 1024 * 1024)
+        rich_bar = bar._bar
+        assert isinstance(rich_bar, Progress)
+        assert not any(isinstance(c, DownloadColumn) for c in rich_bar.columns)
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(rich_bar.make_tasks_table(rich_bar.tasks))
+        text = console.export_text()
+    assert "342/500 messages" in text
+    assert "3.0 MiB" in text
+    assert "bytes" not in text
+
+
+def test_popsync_test_says_where_a_timeout_stopped(tmp_path: Path) -> None:
+    """A server that greets and then stalls: popsync test names the last step it reached."""
+    script: list[Step] = [StartTLS(), Send(b"+OK hello\r\n"), Stall(10)]
+    with FakePop3Server(script) as server:
+        keys = _plain_keys(tmp_path, server.port, tls_ca_file=str(server.ca_file), timeout="1s")
+        config = _config(tmp_path, acct=keys)
+        result = run_popsync(["test", "acct", "-c", config])
+    assert result.returncode == 75
+    assert "  greeting:                hello\n" in result.stdout
+    assert "  FAILED (temporary) after step 'greeting': " in result.stdout
+    assert "timed out" in result.stdout
+    assert SECRET not in result.stdout + result.stderr
