@@ -486,6 +486,8 @@ def _ls(args: argparse.Namespace) -> ExitCode:
     import shutil
 
     width = shutil.get_terminal_size((100, 24)).columns
+    heads = "  date  from  subject" if args.headers else ""
+    _say(sys.stdout, f"{'number':>6} {'size':>10}  {'uidl':<24} state{heads}")
     for row in rows:
         size = "?" if row.size is None else str(row.size)
         line = f"{row.msgnum:>6} {size:>10}  {row.uidl:<24} {row.state}"

@@ -213,8 +213,9 @@ def test_mark_seen_command_and_ls_states(
     assert main(["ls", "acct", "-c", str(config)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "3 message(s) on the server"
-    assert lines[1].split()[0] == "2"
-    assert lines[1].split()[-1] == "new"
+    assert lines[0].split() == ["number", "size", "uidl", "state"]
+    assert lines[2].split()[0] == "2"
+    assert lines[2].split()[-1] == "new"
     assert len(dovecot.messages(mail_user)) == 3  # ls never deletes
 
 
