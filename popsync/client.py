@@ -150,12 +150,16 @@ class Pop3Client:
         max_line: int = DEFAULT_MAX_LINE,
         server_hostname: str | None = None,
         pipelining: bool = True,
+        pace: net.Pace | None = None,
+        on_activity: Callable[[], None] | None = None,
     ) -> Self:
         """Connect, read the greeting and, for ``tls="starttls"``, upgrade with STLS.
 
         ``context`` defaults to :func:`popsync.net.default_context` (verified) whenever
         TLS is used. With ``"starttls"`` a server that does not offer STLS raises
-        :class:`StartTlsUnavailable` before anything but CAPA was sent.
+        :class:`StartTlsUnavailable` before anything but CAPA was sent. ``pace`` bounds
+        the whole of it (and what follows, until :meth:`set_pace`): e.g. a login phase
+        budget; ``on_activity`` is called whenever data arrives.
         """
         if tls not in ("implicit", "starttls", "none"):
             raise LocalProtocolError(f"tls must be implicit, starttls or none, not {tls!r}")
@@ -167,7 +171,9 @@ class Pop3Client:
             timeout=timeout,
             context=context if tls == "implicit" else None,
             server_hostname=server_hostname,
+            pace=pace,
         )
+        stream.on_activity = on_activity
         try:
             client = cls(stream, max_line=max_line, pipelining=pipelining)
             if tls == "starttls":
@@ -219,6 +225,14 @@ class Pop3Client:
     def closed(self) -> bool:
         """True once the connection is closed (by :meth:`close`, QUIT or an error)."""
         return self._stream is None
+
+    def set_pace(self, pace: net.Pace) -> None:
+        """Enter a new phase: its budget and minimum rate bound every read and send.
+
+        Running out raises :class:`popsync.net.PhaseTimeout` (exit code 75) naming the
+        phase, and closes the connection like any network error.
+        """
+        self._live_stream().set_pace(pace)
 
     # --------------------------------------------------------------- plumbing
     def _live_stream(self) -> net.Stream:

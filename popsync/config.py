@@ -202,6 +202,10 @@ class Account(BaseModel):
     max_message_size: Annotated[Size, Field(ge=0)] = 100_000_000
     interval: Duration = 300.0
     timeout: Duration = 60.0
+    login_timeout: Duration = 60.0
+    listing_timeout: Duration = 600.0
+    low_speed_limit: Annotated[Size, Field(ge=0)] = 1024
+    low_speed_time: Duration = 60.0
     utf8: bool = True
     pipelining: Annotated[Pipelining, BeforeValidator(_on_off)] = "auto"
     allow_uidl_reset: bool = False
@@ -267,7 +271,7 @@ class Account(BaseModel):
             )
         return value
 
-    @field_validator("timeout")
+    @field_validator("timeout", "login_timeout", "listing_timeout", "low_speed_time")
     @classmethod
     def _check_timeout(cls, value: float) -> float:
         if value < 1:

@@ -15,6 +15,21 @@ Trust is built by :func:`client_context`: the system CAs, only the given CA bund
 certificate's SHA-256 must match and its chain and names do not matter. The probes at the
 end (:func:`probe_greeting`, :func:`probe_tls`) open a second, short connection to tell a
 misconfiguration (implicit TLS on a plain port, or the reverse) from a network problem.
+
+Timeouts come in three kinds, all enforced here so that no clock enters the sans-I/O core:
+
+* ``timeout``: how long one network operation (resolve, connect, one read) may wait;
+* a phase *deadline* (:class:`Pace`): a wall-clock budget for a whole phase, such as
+  connect + TLS + greeting + login, so a server dripping one byte per second cannot
+  stretch a phase forever. Every wait is cut to what is left of the budget;
+* a minimum *rate* (:class:`Pace`, after curl's ``--speed-limit``/``--speed-time``): when
+  fewer than ``low_speed_limit`` bytes per second arrive during ``low_speed_time``
+  seconds spent waiting for the server, the transfer is abandoned. A big message on a
+  slow link passes, a drip does not.
+
+Running out of either raises :class:`PhaseTimeout`, whose text names the phase and the
+config key to raise. Name resolution runs in a helper thread so that it, too, honours
+the timeout (``getaddrinfo`` itself cannot be interrupted).
 """
 
 from __future__ import annotations
@@ -27,7 +42,10 @@ import select
 import socket
 import ssl
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +57,8 @@ __all__ = [
     "GLOBAL_DEFAULT_TIMEOUT",
     "SYSTEM_CAS",
     "NetworkTimeout",
+    "Pace",
+    "PhaseTimeout",
     "PinnedContext",
     "SSLCertVerificationError",
     "SSLContext",
@@ -76,6 +96,66 @@ GLOBAL_DEFAULT_TIMEOUT: float | None = socket._GLOBAL_DEFAULT_TIMEOUT  # type: i
 
 class NetworkTimeout(NetworkError):
     """The server did not answer (or accept) within the timeout."""
+
+
+class PhaseTimeout(NetworkTimeout):
+    """A phase ran out of its wall-clock budget, or data came slower than the minimum rate."""
+
+    def __init__(self, message: str, phase: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+@dataclass(frozen=True)
+class Pace:
+    """The limits of the phase a stream is in; see the module docstring.
+
+    ``deadline`` is a :func:`time.monotonic` value (None: no budget) set from
+    ``budget_key = seconds`` in the config, both named in the error.
+    ``low_speed_limit`` is in bytes per second (0: no minimum rate).
+    """
+
+    phase: str = "session"
+    deadline: float | None = None
+    budget_key: str = ""
+    seconds: float = 0.0
+    low_speed_limit: int = 0
+    low_speed_time: float = 60.0
+
+    @classmethod
+    def budget(
+        cls,
+        phase: str,
+        seconds: float,
+        key: str,
+        *,
+        low_speed_limit: int = 0,
+        low_speed_time: float = 60.0,
+    ) -> Pace:
+        """A phase that must end within ``seconds`` from now."""
+        deadline = time.monotonic() + seconds
+        return cls(phase, deadline, key, seconds, low_speed_limit, low_speed_time)
+
+    def remaining(self) -> float | None:
+        """Seconds left of the budget (may be negative), or None without one."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def overrun(self, where: str) -> PhaseTimeout:
+        """The error for a phase whose deadline has passed."""
+        return PhaseTimeout(
+            f"{where}: timed out in the {self.phase} phase: not done within "
+            f"{self.budget_key} = {self.seconds:g}s",
+            self.phase,
+        )
+
+    def too_slow(self, where: str, received: int, waited: float) -> PhaseTimeout:
+        """The error for a transfer that fell below the minimum rate."""
+        return PhaseTimeout(
+            f"{where}: too slow in the {self.phase} phase: {received} bytes in {waited:.0f}s, "
+            f"below low_speed_limit = {self.low_speed_limit} bytes/s "
+            f"over low_speed_time = {self.low_speed_time:g}s",
+            self.phase,
+        )
 
 
 def default_context(cafile: Path | None = None, verify: bool = True) -> ssl.SSLContext:
@@ -198,8 +278,14 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+#: A timer may fire a hair before the deadline it was cut to; this much counts as reached.
+_DEADLINE_SLACK = 0.01
+
+
 @contextlib.contextmanager
-def _mapped(where: str, action: str, timeout: float | None) -> Iterator[None]:
+def _mapped(
+    where: str, action: str, timeout: float | None, pace: Pace | None = None
+) -> Iterator[None]:
     """Translate socket and TLS exceptions raised inside the block into popsync errors."""
     try:
         yield
@@ -213,6 +299,9 @@ def _mapped(where: str, action: str, timeout: float | None) -> Iterator[None]:
     except ssl.SSLError as exc:
         raise TlsError(f"{where}: TLS error during {action}: {exc.reason or exc}") from exc
     except TimeoutError as exc:
+        remaining = None if pace is None else pace.remaining()
+        if pace is not None and remaining is not None and remaining <= _DEADLINE_SLACK:
+            raise pace.overrun(where) from exc
         raise NetworkTimeout(f"{where}: timed out during {action} after {timeout}s") from exc
     except ConnectionRefusedError as exc:
         raise NetworkError(f"{where}: connection refused") from exc
@@ -226,16 +315,44 @@ def _where(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _wait_limit(timeout: float | None, pace: Pace, where: str) -> float | None:
+    """How long one wait may last: ``timeout`` cut to what is left of the phase budget."""
+    remaining = pace.remaining()
+    if remaining is None:
+        return timeout
+    if remaining <= 0:
+        raise pace.overrun(where)
+    return remaining if timeout is None else min(timeout, remaining)
+
+
 class Stream:
     """A connected byte stream, plain or TLS; every method raises only popsync errors."""
 
-    def __init__(self, sock: socket.socket, host: str, port: int) -> None:
+    def __init__(self, sock: socket.socket, host: str, port: int, pace: Pace | None = None) -> None:
         self._sock = sock
         self.host = host
         self.port = port
         self.where = _where(host, port)
         self._timeout = sock.gettimeout()
+        self._applied = self._timeout
         self._closed = False
+        self._pace = pace or Pace()
+        # The minimum-rate window: seconds spent waiting for the server, bytes received.
+        self._waited = 0.0
+        self._received = 0
+        #: Called after every read that brought data (a sign of life for the daemon).
+        self.on_activity: Callable[[], None] | None = None
+
+    @property
+    def pace(self) -> Pace:
+        """The limits of the current phase."""
+        return self._pace
+
+    def set_pace(self, pace: Pace) -> None:
+        """Enter a new phase with its own budget and rate; the rate window starts afresh."""
+        self._pace = pace
+        self._waited = 0.0
+        self._received = 0
 
     @property
     def is_tls(self) -> bool:
@@ -255,9 +372,19 @@ class Stream:
         info = self._sock.cipher()
         return info[0] if info else None
 
+    def _settimeout(self, value: float | None) -> None:
+        if value != self._applied:
+            self._sock.settimeout(value)
+            self._applied = value
+
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
-        """Do a client TLS handshake on this connection (after the server's STLS +OK)."""
-        with _mapped(self.where, "TLS handshake", self._timeout):
+        """Do a client TLS handshake on this connection (after the server's STLS +OK).
+
+        The whole handshake is bounded by the timeout and the phase budget: the ssl
+        module applies a socket timeout to the handshake as a whole, not per read.
+        """
+        with _mapped(self.where, "TLS handshake", self._timeout, self._pace):
+            self._settimeout(_wait_limit(self._timeout, self._pace, self.where))
             self._sock = context.wrap_socket(self._sock, server_hostname=server_hostname)
         if isinstance(context, PinnedContext):
             self._check_pin(context.pins)
@@ -287,16 +414,52 @@ class Stream:
             return True  # let the next recv() report it
         return bool(ready)
 
+    def _read_limit(self) -> tuple[float | None, bool]:
+        """The wait for the next read, and whether the rate window (not a timeout) bounds it."""
+        limit = _wait_limit(self._timeout, self._pace, self.where)
+        if not self._pace.low_speed_limit:
+            return limit, False
+        left = max(self._pace.low_speed_time - self._waited, 0.001)
+        if limit is None or left < limit:
+            return left, True
+        return limit, False
+
+    def _count(self, received: int, waited: float) -> None:
+        """Book a read into the rate window; at the window's end, judge the rate."""
+        pace = self._pace
+        self._waited += waited
+        self._received += received
+        if not pace.low_speed_limit or self._waited < pace.low_speed_time:
+            return
+        if self._received < pace.low_speed_limit * self._waited:
+            raise pace.too_slow(self.where, self._received, self._waited)
+        self._waited = 0.0
+        self._received = 0
+
     def recv(self, size: int = DEFAULT_RECV_SIZE) -> bytes:
         """Return up to ``size`` bytes; ``b""`` means the server closed the connection."""
-        try:
-            data = self._sock.recv(size)
-            if isinstance(self._sock, ssl.SSLSocket) and 0 < len(data) < size:
-                data = self._gather_records(data, size)
-        except OSError as exc:
-            with _mapped(self.where, "receive", self._timeout):
-                raise exc from None
-        return data
+        while True:
+            limit, rate_bound = self._read_limit()
+            started = time.monotonic()
+            try:
+                self._settimeout(limit)
+                data = self._sock.recv(size)
+                if isinstance(self._sock, ssl.SSLSocket) and 0 < len(data) < size:
+                    data = self._gather_records(data, size)
+            except TimeoutError as exc:
+                if not rate_bound:
+                    with _mapped(self.where, "receive", self._timeout, self._pace):
+                        raise exc from None
+                # The rate window ended while waiting: judge it, and wait on if it passed.
+                self._count(0, time.monotonic() - started)
+                continue
+            except OSError as exc:
+                with _mapped(self.where, "receive", self._timeout, self._pace):
+                    raise exc from None
+            self._count(len(data), time.monotonic() - started)
+            if data and self.on_activity is not None:
+                self.on_activity()
+            return data
 
     def _gather_records(self, first: bytes, size: int) -> bytes:
         """Add the TLS records already received, without waiting for more.
@@ -306,26 +469,24 @@ class Stream:
         """
         sock = self._sock
         chunks, total = [first], len(first)
-        sock.settimeout(0.0)
-        try:
-            while total < size:
-                try:
-                    more = sock.recv(size - total)
-                except OSError:
-                    # Nothing more yet; or an error (a ragged EOF, say) that the next
-                    # recv() reports: the bytes already read must not be lost.
-                    break
-                if not more:
-                    break
-                chunks.append(more)
-                total += len(more)
-        finally:
-            sock.settimeout(self._timeout)
+        self._settimeout(0.0)
+        while total < size:
+            try:
+                more = sock.recv(size - total)
+            except OSError:
+                # Nothing more yet; or an error (a ragged EOF, say) that the next
+                # recv() reports: the bytes already read must not be lost.
+                break
+            if not more:
+                break
+            chunks.append(more)
+            total += len(more)
         return b"".join(chunks)
 
     def sendall(self, data: bytes) -> None:
-        """Send all of ``data``."""
-        with _mapped(self.where, "send", self._timeout):
+        """Send all of ``data`` (bounded by the timeout and the phase budget as a whole)."""
+        with _mapped(self.where, "send", self._timeout, self._pace):
+            self._settimeout(_wait_limit(self._timeout, self._pace, self.where))
             self._sock.sendall(data)
 
     def close(self) -> None:
@@ -337,6 +498,70 @@ class Stream:
             self._sock.close()
 
 
+_AddrInfo = tuple[
+    socket.AddressFamily,
+    socket.SocketKind,
+    int,
+    str,
+    tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes],
+]
+
+
+def _resolve(host: str, port: int, limit: float | None) -> Sequence[_AddrInfo]:
+    """getaddrinfo bounded by ``limit`` seconds (raises TimeoutError when it is reached).
+
+    The C resolver cannot be interrupted, so a slow lookup runs in a daemon thread and
+    is abandoned at the limit; it ends on its own when the resolver gives up.
+    """
+    with contextlib.suppress(socket.gaierror):
+        # An address literal needs no resolver: no thread.
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    if limit is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    outcome: list[Sequence[_AddrInfo] | OSError] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name="popsync-resolve", daemon=True).start()
+    if not done.wait(limit):
+        raise TimeoutError("name resolution")
+    result = outcome[0]
+    if isinstance(result, OSError):
+        raise result
+    return result
+
+
+def _open(
+    infos: Sequence[_AddrInfo], timeout: float | None, pace: Pace, where: str
+) -> socket.socket:
+    """Connect to the first address that accepts, as socket.create_connection does."""
+    error: OSError | None = None
+    for family, kind, proto, _name, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_wait_limit(timeout, pace, where))
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            if isinstance(exc, TimeoutError):
+                break  # the timeout (or the budget) is spent: do not start over
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(timeout)
+        return sock
+    raise error or OSError("getaddrinfo returned no addresses")
+
+
 def connect(
     host: str,
     port: int,
@@ -344,20 +569,26 @@ def connect(
     timeout: float | None,
     context: ssl.SSLContext | None,
     server_hostname: str | None = None,
+    pace: Pace | None = None,
 ) -> Stream:
     """Open a TCP connection (IPv4 or IPv6); with ``context``, do implicit TLS at once.
 
     ``server_hostname`` is the name the certificate must match; it defaults to ``host``.
     ``timeout=None`` blocks forever (only for :mod:`popsync.poplib` compatibility).
+    Name resolution, connect and the TLS handshake each honour ``timeout``, and all
+    together ``pace``'s budget; the stream keeps ``pace`` for what follows.
     """
     where = _where(host, port)
-    with _mapped(where, "connect", timeout):
-        sock = socket.create_connection((host, port), timeout=timeout)
+    pace = pace or Pace()
+    with _mapped(where, "name resolution", timeout, pace):
+        infos = _resolve(host, port, _wait_limit(timeout, pace, where))
+    with _mapped(where, "connect", timeout, pace):
+        sock = _open(infos, timeout, pace, where)
     try:
         # POP3 commands are tiny and latency-bound: never let Nagle hold them back.
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stream = Stream(sock, host, port)
+        stream = Stream(sock, host, port, pace)
         if context is not None:
             stream.start_tls(context, server_hostname or host)
     except BaseException:

@@ -78,17 +78,24 @@ def _quiet(step: str, text: str) -> None:
 
 
 def open_session(
-    account: Account, secret: str | None, *, report: Report | None = None
+    account: Account,
+    secret: str | None,
+    *,
+    report: Report | None = None,
+    on_activity: Callable[[], None] | None = None,
 ) -> Pop3Client:
     """Connect, upgrade to TLS as configured and log in (unless ``secret`` is None).
 
     Raises :class:`~popsync.errors.ConfigError` with a diagnosis for a misconfigured
     ``tls``, ``port`` or certificate trust, and the client's own errors otherwise.
+    All of it is the login phase, bounded by ``login_timeout`` as a whole
+    (:class:`popsync.net.PhaseTimeout`); ``on_activity`` is called whenever data arrives.
     """
     say = report or _quiet
     context = tls_context(account)
     say("connect", f"{account.host}:{account.port} (tls = {account.tls!r})")
-    client = _connect(account, context, say)
+    pace = net.Pace.budget("login", account.login_timeout, "login_timeout")
+    client = _connect(account, context, pace, on_activity)
     try:
         _describe_tls(client, say)
         say("greeting", clean_text(client.welcome.text))
@@ -127,7 +134,12 @@ def _sasl(caps: dict[str, tuple[str, ...]]) -> str:
     return f" (server offers SASL {' '.join(offered)})" if offered else ""
 
 
-def _connect(account: Account, context: net.SSLContext | None, say: Report) -> Pop3Client:
+def _connect(
+    account: Account,
+    context: net.SSLContext | None,
+    pace: net.Pace,
+    on_activity: Callable[[], None] | None,
+) -> Pop3Client:
     implicit = account.tls == "implicit"
     try:
         stream = net.connect(
@@ -135,6 +147,7 @@ def _connect(account: Account, context: net.SSLContext | None, say: Report) -> P
             account.port,
             timeout=account.timeout,
             context=context if implicit else None,
+            pace=pace,
         )
     except CertificateError as exc:
         raise _certificate_problem(account, exc) from exc
@@ -142,6 +155,7 @@ def _connect(account: Account, context: net.SSLContext | None, say: Report) -> P
         if implicit:
             _check_plain_port(account, exc)
         raise
+    stream.on_activity = on_activity
     try:
         if not implicit:
             _check_tls_port(account, stream)

@@ -49,6 +49,7 @@ from popsync.units import human_bytes
 if TYPE_CHECKING:
     from popsync.client import Pop3Client, Sink
     from popsync.config import Account
+    from popsync.net import Pace
     from popsync.seen import RunRecord, SeenStore
 
 __all__ = [
@@ -431,11 +432,26 @@ def _fetch(
 
 
 # ------------------------------------------------------------------------------ session
-def _connect(account: Account, secret: str) -> Pop3Client:
-    """Connect, negotiate TLS and UTF8, and log in, in mpop's order (see popsync.session)."""
+def _pace(account: Account, phase: str, budget: float | None = None, key: str = "") -> Pace:
+    """The limits of one phase of a run: an optional budget, and the minimum rate."""
+    from popsync.net import Pace
+
+    limit, period = account.low_speed_limit, account.low_speed_time
+    if budget is None:
+        return Pace(phase, low_speed_limit=limit, low_speed_time=period)
+    return Pace.budget(phase, budget, key, low_speed_limit=limit, low_speed_time=period)
+
+
+def _connect(
+    account: Account, secret: str, on_activity: Callable[[], None] | None = None
+) -> Pop3Client:
+    """Connect, negotiate TLS and UTF8, and log in, in mpop's order (see popsync.session).
+
+    All of it is one phase with one wall-clock budget, ``login_timeout``.
+    """
     from popsync.session import open_session
 
-    return open_session(account, secret)
+    return open_session(account, secret, on_activity=on_activity)
 
 
 def _open_maildir(account: Account) -> Maildir:
@@ -506,6 +522,7 @@ def _session(
     log: structlog.typing.FilteringBoundLogger,
 ) -> None:
     try:
+        client.set_pace(_pace(account, "listing", account.listing_timeout, "listing_timeout"))
         listing = _listing(client)  # also asks the post-login CAPA, pipelined
         # Logged only now: before the listing, reading capabilities would cost a round trip.
         log.debug(
@@ -548,6 +565,8 @@ def _session(
                 progress(account.name, done[0], total, done[1])
 
         batcher = _Batcher(account.name, store, maildir, clock, result, deletable.add)
+        # No budget from here on (a big mailbox takes what it takes), only the minimum rate.
+        client.set_pace(_pace(account, "transfer"))
         _fetch(client, plan, batcher, maildir, stop, tick, _retr_guard(account))
         if plan.forget:
             store.forget(account.name, plan.forget)
@@ -631,8 +650,13 @@ def sync_account(
     stop: threading.Event | None = None,
     progress: Progress | None = None,
     secret_resolver: Callable[[Account], str] | None = None,
+    on_activity: Callable[[], None] | None = None,
 ) -> RunResult:
-    """Run one sync of ``account``; never raises for expected failures (see ``RunResult``)."""
+    """Run one sync of ``account``; never raises for expected failures (see ``RunResult``).
+
+    ``on_activity`` is called whenever data arrives from the server: the daemon tells a
+    stuck run from a slow one by it.
+    """
     from popsync.secrets import resolve_secret
 
     log = structlog.get_logger("popsync.sync").bind(account=account.name, host=account.host)
@@ -653,7 +677,7 @@ def sync_account(
             maildir.cleanup_tmp(())
             secret = (secret_resolver or resolve_secret)(account)
             during_login = True
-            client = _connect(account, secret)
+            client = _connect(account, secret, on_activity)
             during_login = False
             _session(
                 account,

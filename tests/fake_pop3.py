@@ -40,6 +40,7 @@ import trustme
 
 __all__ = [
     "Close",
+    "Drip",
     "Expect",
     "ExpectAny",
     "FakePop3Server",
@@ -93,13 +94,26 @@ class Stall:
 
 
 @dataclass(frozen=True)
+class Drip:
+    """Send ``data`` ``chunk`` bytes at a time, ``every`` seconds apart (a slow or hostile server).
+
+    The client giving up (a failed send) ends the script quietly: that is what a test of a
+    drip-fed client expects. Closing the server ends the drip too.
+    """
+
+    data: bytes
+    every: float
+    chunk: int = 1
+
+
+@dataclass(frozen=True)
 class Close:
     """Close the connection now; ``reset`` sends a TCP RST instead of a FIN."""
 
     reset: bool = False
 
 
-Step = Send | Expect | ExpectAny | StartTLS | Stall | Close
+Step = Send | Expect | ExpectAny | StartTLS | Stall | Drip | Close
 
 
 class _ScriptAbort(Exception):
@@ -258,6 +272,17 @@ class _Session:
             self.start_tls(n, step)
         elif isinstance(step, Stall):
             self.server._stop.wait(step.seconds)
+        elif isinstance(step, Drip):
+            self.drip(step)
+
+    def drip(self, step: Drip) -> None:
+        for start in range(0, len(step.data), step.chunk):
+            try:
+                self.sock.sendall(step.data[start : start + step.chunk])
+            except OSError:
+                raise _ScriptAbort from None  # the client gave up, as it should
+            if self.server._stop.wait(step.every):
+                raise _ScriptAbort
 
     def send(self, n: int, data: bytes) -> None:
         try:
