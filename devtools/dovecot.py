@@ -124,10 +124,23 @@ class Dovecot:
 
     host = "127.0.0.1"
 
-    def __init__(self, root: Path, *, password: str = "secret", extra_config: str = "") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        password: str = "secret",
+        extra_config: str = "",
+        lock_session: bool = False,
+    ) -> None:
+        """``lock_session`` turns on ``pop3_lock_session``: one POP3 session per mailbox.
+
+        A second session then waits about 10 s for the lock (a fixed Dovecot dotlock
+        timeout) and is refused with ``-ERR [IN-USE]``.
+        """
         self.root = Path(root).resolve()
         self.password = password
         self.extra_config = extra_config
+        self.lock_session = lock_session
         self.instance = f"popsync-{secrets.token_hex(4)}"
         self.pop3_port = 0
         self.pop3s_port = 0
@@ -317,6 +330,7 @@ mail_location = maildir:{self.mail_dir}/%u
 pop3_uidl_format = %08Xu%08Xv
 mail_fsync = never
 mail_max_userip_connections = 1000
+pop3_lock_session = {"yes" if self.lock_session else "no"}
 first_valid_uid = {min(ident.uid, 500)}
 first_valid_gid = {min(ident.gid, 1)}
 passdb {{

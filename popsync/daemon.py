@@ -92,6 +92,7 @@ class Daemon:
         self.reload_failure: tuple[float, list[str]] | None = None
         #: The Prometheus metrics, when ``metrics_listen`` is set (started by run()).
         self.metrics: Metrics | None = None
+        self._progressing = True
         self.watchdog = self.notifier.watchdog_interval()
         beat = HEARTBEAT_EVERY if self.watchdog is None else min(HEARTBEAT_EVERY, self.watchdog / 4)
         self.scheduler: AccountScheduler = AccountScheduler(
@@ -159,10 +160,20 @@ class Daemon:
     def _run_account(self, account: Account) -> RunResult:
         from popsync.sync import sync_account
 
+        name = account.name
+
+        def run() -> RunResult:
+            return sync_account(
+                account,
+                self.store,
+                stop=self.stop_event,
+                on_activity=lambda: self.scheduler.note_activity(name),
+            )
+
         if self.metrics is None:
-            return sync_account(account, self.store, stop=self.stop_event)
+            return run()
         with self.metrics.running():
-            return sync_account(account, self.store, stop=self.stop_event)
+            return run()
 
     def _record(self, result: RunResult) -> None:
         self._results[result.account] = result
@@ -273,12 +284,27 @@ class Daemon:
         return self.shutdown()
 
     def _watchdog(self, last_ping: float) -> float:
-        """Ping systemd's watchdog while the scheduler's heartbeat is fresh; return ping time."""
+        """Ping systemd's watchdog while the daemon makes progress; return the ping time.
+
+        Progress: the scheduler's heartbeat is fresh, and unless no run is in progress,
+        at least one run is not stalled (see ``AccountScheduler.making_progress``). A
+        daemon whose every run is stuck gets no pings, so systemd restarts it.
+        """
         if self.watchdog is None:
             return last_ping
         now = time.monotonic()
         fresh = self.scheduler.heartbeat_age() < self.watchdog / 2
-        if fresh and now - last_ping >= self.watchdog / 4:
+        progressing = self.scheduler.making_progress()
+        if progressing != self._progressing:
+            self._progressing = progressing
+            if progressing:
+                self._log.info("runs make progress again; watchdog pings resume")
+            else:
+                self._log.warning(
+                    "no run makes progress; withholding watchdog pings",
+                    stalled=self.scheduler.stalled(),
+                )
+        if fresh and progressing and now - last_ping >= self.watchdog / 4:
             self.notifier.watchdog()
             return now
         return last_ping

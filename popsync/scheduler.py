@@ -2,14 +2,39 @@
 
 Every account is an interval job with jitter, ``max_instances=1`` (a run never overlaps
 itself) and coalescing (a daemon that was suspended runs once, not once per missed
-interval). Jobs run on a bounded thread pool, so a stalled server costs one worker until
-its timeout, never the whole schedule. After each run the job's next time is moved by
+interval). After each run the job's next time is moved by
 :func:`popsync.backoff.next_delay`, which honours the server's ``LOGIN-DELAY`` and backs
 off on failures.
 
-A separate one-thread executor runs a heartbeat job; the daemon only tells systemd's
-watchdog that all is well while that heartbeat keeps beating, which proves the
-scheduler's own thread is alive even when every worker is busy.
+**A slow or stuck account never delays another.** A shared FIFO pool of ``max_workers``
+threads cannot promise that: two accounts whose servers drip one byte a second would
+hold both workers while every other account waits in the queue behind them. So:
+
+* Every job has a thread of its own (at most one per account, by ``max_instances=1``);
+  no job ever queues behind another job's thread.
+* ``max_workers`` is enforced by :class:`_Slots`, handed out in arrival order, which a
+  run holds for at most its account's ``login_timeout``. By then a run has either
+  logged in or failed (the login phase has that budget, see :mod:`popsync.net`); how
+  long the rest takes depends on the mailbox and the link, and no other account
+  should wait for that. A run past its slot time goes on without the slot. So
+  ``max_workers`` bounds how many runs start together (the burst of connections and
+  logins at each tick), and a new run waits at most one ``login_timeout`` per run
+  queued ahead of it.
+* An account whose previous run failed (timeouts, refused connections, wrong
+  password...) does not queue for a slot at all: it cannot delay healthy accounts
+  again, however it behaves this time.
+* Every run is bounded on its own by the phase budgets and the minimum transfer rate
+  (:mod:`popsync.net`), so even an unslotted run ends.
+
+Threads are thus bounded by the number of accounts, which is the natural bound anyway
+since an account never runs twice at once.
+
+A separate one-thread executor runs a heartbeat job, which proves the scheduler's own
+thread is alive. Runs also report signs of life (:meth:`AccountScheduler.note_activity`:
+data from the server); a run silent for longer than its own timeouts allow is
+*stalled*, and the daemon stops feeding systemd's watchdog when every running run is
+stalled (:meth:`AccountScheduler.making_progress`), so a daemon that makes no progress
+at all gets restarted.
 """
 
 from __future__ import annotations
@@ -17,7 +42,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +63,7 @@ if TYPE_CHECKING:
     from popsync.config import Account
     from popsync.sync import RunResult
 
-__all__ = ["HEARTBEAT_EVERY", "AccountScheduler"]
+__all__ = ["HEARTBEAT_EVERY", "RUN_THREADS", "AccountScheduler", "stall_limit"]
 
 #: How often the heartbeat job beats (seconds).
 HEARTBEAT_EVERY = 5.0
@@ -46,10 +73,72 @@ _JITTER_SHARE = 0.1
 _MAX_JITTER = 60.0
 #: A poll skipped in the instant a run was ending is tried again this much later (seconds).
 _RETRY_SKIPPED = 0.05
+#: Threads for jobs: one per account at most; created only as jobs need them.
+RUN_THREADS = 1024
 
 
 def _jitter(interval: float) -> int:
     return int(min(interval * _JITTER_SHARE, _MAX_JITTER))
+
+
+def stall_limit(account: Account) -> float:
+    """Seconds a run may show no sign of life before it counts as stalled.
+
+    Twice the longest wait popsync's own limits allow (the timeout of one read, the login
+    budget, the minimum-rate window): a run silent for longer is not waiting for a slow
+    server, it is stuck somewhere no timeout reaches (a hung file system, a bug).
+    """
+    return 2 * max(account.timeout, account.login_timeout, account.low_speed_time)
+
+
+class _Slots:
+    """``size`` run slots, granted in arrival order; a slot counts only until it expires."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._cond = threading.Condition()
+        self._expiry: dict[str, float] = {}  # holder -> monotonic time its slot lapses
+        self._queue: deque[str] = deque()
+        self._closed = False
+
+    def acquire(self, name: str, hold: float) -> bool:
+        """Wait for a slot held for at most ``hold`` seconds; False once closed."""
+        with self._cond:
+            self._queue.append(name)
+            try:
+                while not self._closed:
+                    now = time.monotonic()
+                    busy = sorted(t for t in self._expiry.values() if t > now)
+                    if len(busy) < self._size and self._queue[0] == name:
+                        self._expiry[name] = now + hold
+                        return True
+                    # Full: wake when the oldest slot lapses (or on a release); else wait
+                    # for the runs queued ahead to take theirs.
+                    full = len(busy) >= self._size
+                    self._cond.wait(busy[0] - now if full else None)
+                return False
+            finally:
+                self._queue.remove(name)
+                self._cond.notify_all()
+
+    def release(self, name: str) -> None:
+        with self._cond:
+            self._expiry.pop(name, None)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiter and refuse new slots (shutdown)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+@dataclass
+class _Run:
+    """A run in progress: when it last showed a sign of life, and how long it may not."""
+
+    last: float
+    limit: float
 
 
 class AccountScheduler:
@@ -88,9 +177,11 @@ class AccountScheduler:
         self._stopping = False
         self._beat = time.monotonic()
         self._log = structlog.get_logger("popsync.scheduler")
+        self._slots = _Slots(max_workers)
+        self._runs: dict[str, _Run] = {}
         self._scheduler = BackgroundScheduler(
             executors={
-                "default": ThreadPoolExecutor(max_workers),
+                "default": ThreadPoolExecutor(RUN_THREADS),
                 "heartbeat": ThreadPoolExecutor(1),
             },
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -120,6 +211,7 @@ class AccountScheduler:
 
         with self._move_lock:
             self._stopping = True
+        self._slots.close()
         if self._scheduler.running:
             self._scheduler.pause()
             threading.Thread(target=wait, name="popsync-shutdown", daemon=True).start()
@@ -136,6 +228,22 @@ class AccountScheduler:
 
     def _heartbeat(self) -> None:
         self._beat = time.monotonic()
+
+    def note_activity(self, name: str) -> None:
+        """A sign of life from ``name``'s run (data arrived); cheap, called per read."""
+        run = self._runs.get(name)
+        if run is not None:
+            run.last = time.monotonic()
+
+    def stalled(self) -> list[str]:
+        """Accounts whose run has been silent for longer than :func:`stall_limit`."""
+        now = time.monotonic()
+        return sorted(n for n, r in list(self._runs.items()) if now - r.last > r.limit)
+
+    def making_progress(self) -> bool:
+        """False only when runs are in progress and every one of them is stalled."""
+        runs = len(self._runs)
+        return runs == 0 or len(self.stalled()) < runs
 
     # --------------------------------------------------------------------- accounts
     @property
@@ -214,7 +322,7 @@ class AccountScheduler:
             self._running.add(name)
             self._polled.discard(name)  # this run serves any earlier poll
         try:
-            self._run_and_reschedule(name, account)
+            self._run_in_slot(name, account)
         finally:
             with self._lock:
                 self._running.discard(name)
@@ -224,6 +332,19 @@ class AccountScheduler:
                     self._polled.add(name)
             if repoll:
                 self._move(name, datetime.now(UTC))
+
+    def _run_in_slot(self, name: str, account: Account) -> None:
+        """Take a slot (unless the last run failed), run, give the slot back."""
+        slotted = not self._failures.get(name)
+        if slotted and not self._slots.acquire(name, account.login_timeout):
+            return  # shutting down
+        self._runs[name] = _Run(time.monotonic(), stall_limit(account))
+        try:
+            self._run_and_reschedule(name, account)
+        finally:
+            self._runs.pop(name, None)
+            if slotted:
+                self._slots.release(name)
 
     def _run_and_reschedule(self, name: str, account: Account) -> None:
         """One run, then the next run time by the backoff rules, then the result callback."""
