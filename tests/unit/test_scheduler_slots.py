@@ -40,7 +40,7 @@ def make_scheduler() -> Iterator[Callable[..., AccountScheduler]]:
 
     yield make
     for sched in made:
-        sched.shutdown(1.0)
+        sched.shutdown(5.0)
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
