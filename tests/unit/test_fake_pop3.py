@@ -11,6 +11,7 @@ import pytest
 
 from tests.fake_pop3 import (
     Close,
+    Drip,
     Expect,
     ExpectAny,
     FakePop3Server,
@@ -132,4 +133,17 @@ def test_stall_delays_and_reset_closes() -> None:
             assert time.monotonic() - started >= 0.25
             with pytest.raises(ConnectionResetError):
                 _recv_until_closed(sock)
+        server.check()
+
+
+def test_drip_sends_piecewise_and_a_client_that_leaves_ends_it_quietly() -> None:
+    """Drip spaces its chunks out; the client closing mid-drip is not a script error."""
+    with FakePop3Server([Drip(b"abcdef" * 1000, every=0.05, chunk=2)]) as server:
+        with _connect(server) as sock:
+            started = time.monotonic()
+            got = b""
+            while len(got) < 6:
+                got += sock.recv(100)
+            assert got.startswith(b"abcdef")
+            assert time.monotonic() - started >= 0.09  # three chunks, two pauses
         server.check()
