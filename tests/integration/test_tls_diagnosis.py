@@ -122,13 +122,13 @@ def test_name_mismatch_lists_the_certificate_names(
     dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A host the certificate does not name: the error lists the names it holds."""
-    real = socket.create_connection
+    real = socket.getaddrinfo
 
-    def to_loopback(address: tuple[str, int], *args: object, **kwargs: object) -> socket.socket:
-        host = "127.0.0.1" if address[0] == "mail.example.org" else address[0]
-        return real((host, address[1]), *args, **kwargs)  # type: ignore[arg-type]
+    def to_loopback(host: str, *args: object, **kwargs: object) -> object:
+        # The name resolves to this machine, as it would through /etc/hosts.
+        return real("127.0.0.1" if host == "mail.example.org" else host, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(socket, "create_connection", to_loopback)
+    monkeypatch.setattr(socket, "getaddrinfo", to_loopback)
     account = _account(dovecot, mail_user, tmp_path)
     account = account.model_copy(update={"host": "mail.example.org"})
     with pytest.raises(ConfigError) as info:
