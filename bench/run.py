@@ -1,4 +1,4 @@
-"""Run the benchmark of issue 5: ``python -m bench.run [--scenarios a,b,c,lat,scale] [--runs N]``.
+"""Run the benchmark: ``python -m bench.run [--scenarios a,b,c,lat,scale,scale-uidl] [--runs N]``.
 
 One private Dovecot serves one generated mailbox per scenario; every tool fetches it in turn
 (tools interleaved A B C D, A B C D, ...), its state and Maildir wiped before each first-fetch run,
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench import mailgen, peers
+from bench import bigbox, mailgen, peers
 from bench.measure import DISK_MODES, Daemon, Measurement, disk_limit, run_measured
 from bench.proxy import DelayProxy
 from bench.storage import Storage, setup_storage
@@ -44,14 +44,20 @@ TITLES = {
     "c": "c: 10,000 x 4 KiB, second run with nothing new",
     "lat": "lat: 500 x 4 KiB through a 25 ms-each-way proxy (RTT ~50 ms), first fetch",
     "scale": "scale: 200 accounts on one popsync daemon, one full cycle",
+    "scale-uidl-100k": "scale-uidl: 100,000 UIDLs listed, all but 10 seen (synthetic server)",
+    "scale-uidl-1m": "scale-uidl: 1,000,000 UIDLs listed, all but 10 seen (synthetic server)",
 }
+#: Scenarios that produce one table per mailbox size.
+MULTI = {"scale-uidl": ("scale-uidl-100k", "scale-uidl-1m")}
+#: Messages in a scale-uidl mailbox that no tool has seen yet (each run fetches them).
+SCALE_UIDL_NEW = 10
 
 
 @dataclass
 class Options:
     """Everything the command line can set."""
 
-    scenarios: tuple[str, ...] = ("a", "b", "c", "lat", "scale")
+    scenarios: tuple[str, ...] = ("a", "b", "c", "lat", "scale", "scale-uidl")
     tools: tuple[str, ...] = peers.TOOLS
     runs: int = 3
     quick: bool = False
@@ -388,6 +394,81 @@ def _scale(bench: Bench) -> ScenarioResult:
     return result
 
 
+def _prime(run: peers.ToolRun, srv: peers.Server, seen: int, template: Path) -> None:
+    """Give the tool a state in which messages 1..seen are already delivered."""
+    if run.tool == "popsync":
+        from popsync.seen import DB_FILENAME
+
+        shutil.copyfile(template, run.state / DB_FILENAME)
+    else:  # mpop: one UID list per (host, user), UIDs in ascending order
+        uids = b"".join(bigbox.uidl(n) + b"\n" for n in range(1, seen + 1))
+        head = b"# mpop uidls\n %d %s %s\n" % (seen, srv.host.encode(), srv.username.encode())
+        (run.state / "mpop_uidls").write_bytes(head + uids)
+    run.owner.chown(run.state)
+
+
+def _popsync_template(path: Path, seen: int) -> None:
+    """A seen-store in which messages 1..seen of account "bench" are delivered."""
+    from popsync.seen import SeenStore
+
+    path.unlink(missing_ok=True)
+    with SeenStore.open(path) as store:
+        for start in range(1, seen + 1, 50_000):
+            batch = range(start, min(start + 50_000, seen + 1))
+            store.mark_delivered("bench", [(bigbox.uidl(n), f"primed.{n}") for n in batch], 1e9)
+
+
+def _scale_uidl(bench: Bench) -> list[ScenarioResult]:
+    """Scenario scale-uidl: a huge listing, all but a few messages already seen.
+
+    The server is bench/bigbox.py (see its docstring); popsync and mpop start from a primed
+    state, so each run lists every message, diffs against its seen-store and fetches 10.
+    """
+    opts = bench.opts
+    sizes = (2_000, 5_000) if opts.quick else (100_000, 1_000_000)
+    tools = [t for t in bench.tools() if t in ("mpop", "popsync")]
+    results = []
+    for name, count in zip(MULTI["scale-uidl"], sizes, strict=True):
+        result = ScenarioResult(name)
+        seen = count - SCALE_UIDL_NEW
+        expected = [bigbox.message(n) for n in range(seen + 1, count + 1)]
+        base = bench.storage.path / name
+        base.mkdir(parents=True, exist_ok=True)
+        template = base / "popsync-primed.sqlite3"
+        if "popsync" in tools:
+            _popsync_template(template, seen)
+        with bigbox.BigBox(count) as box:
+            srv = peers.Server(box.host, box.port, "bench", "bench")
+            runs = {t: peers.setup_tool(t, base / t, srv, bench.owner, bench.py) for t in tools}
+            for i in range(opts.runs):
+                for tool, run in runs.items():
+                    peers.reset(run)
+                    _prime(run, srv, seen, template)
+                    m = bench.run_tool(run, f"run{i}")
+                    verdict, ok = _verdict_of(run, m, expected)
+                    row = result.row(tool, len(expected), sum(map(len, expected)))
+                    row.add(m, verdict, ok)
+                    _log(f"[{name}] run {i + 1}/{opts.runs} {tool}: {m.wall:.3f} s, "
+                         f"{m.maxrss_kib / 1024:.1f} MiB, {verdict}")  # fmt: skip
+            result.notes.append(
+                f"{count:,} messages listed ({box.listing_octets / 1e6:.1f} MB of UIDL listing, "
+                f"~{box.listing_octets // count} octets a line), {seen:,} already in the tool's "
+                f"state, {SCALE_UIDL_NEW} fetched per run; server: bench/bigbox.py (synthetic, "
+                "not Dovecot: what is measured is the client's listing and diff)"
+            )
+        template.unlink(missing_ok=True)
+        bench.mark_unavailable(result, [t for t in opts.tools if t in ("mpop", "popsync")])
+        results.append(result)
+    return results
+
+
+def _verdict_of(run: peers.ToolRun, m: Measurement, expected: list[bytes]) -> tuple[str, bool]:
+    v: Verdict = verify_maildir(run.maildir, expected)
+    if m.exit_code != 0:
+        v.problems.insert(0, f"exit code {m.exit_code} (see {run.work}/*.log)")
+    return v.summary(), v.ok
+
+
 def _machine(bench: Bench) -> dict[str, str]:
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -424,15 +505,17 @@ def run_bench(opts: Options) -> Report:
         with Dovecot(dv_root, extra_config="pop3_no_flag_updates = yes\n") as dv:
             bench = Bench(opts, dv, storage)
             report.machine = _machine(bench)
-            scenario: dict[str, Callable[[], ScenarioResult]] = {
+            scenario: dict[str, Callable[[], ScenarioResult | list[ScenarioResult]]] = {
                 "a": lambda: _first_fetch(bench, "a"),
                 "b": lambda: _first_fetch(bench, "b"),
                 "c": lambda: _nothing_new(bench),
                 "lat": lambda: _first_fetch(bench, "lat", proxy=True),
                 "scale": lambda: _scale(bench),
+                "scale-uidl": lambda: _scale_uidl(bench),
             }
             for name in opts.scenarios:
-                report.scenarios.append(scenario[name]())
+                got = scenario[name]()
+                report.scenarios.extend(got if isinstance(got, list) else [got])
     finally:
         storage.teardown()
         shutil.rmtree(dv_root, ignore_errors=True)
@@ -574,7 +657,7 @@ def _raw(report: Report) -> str:
 
 def _parse(argv: Sequence[str] | None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    p.add_argument("--scenarios", default="a,b,c,lat,scale")
+    p.add_argument("--scenarios", default="a,b,c,lat,scale,scale-uidl")
     p.add_argument("--tools", default=",".join(peers.TOOLS))
     p.add_argument("--runs", type=int, default=None, help="runs per tool (default 3, quick 1)")
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny mailboxes, 1 run")
@@ -587,7 +670,7 @@ def _parse(argv: Sequence[str] | None) -> Options:
     args = p.parse_args(argv)
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
     tools = tuple(t for t in args.tools.split(",") if t)
-    bad = [s for s in scenarios if s not in mailgen.SCENARIOS]
+    bad = [s for s in scenarios if s not in (*mailgen.SCENARIOS, *MULTI)]
     bad += [t for t in tools if t not in peers.TOOLS]
     if bad:
         p.error(f"unknown scenario/tool: {', '.join(bad)}")

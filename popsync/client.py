@@ -42,9 +42,11 @@ from .pop3 import (
     Ok,
     Pop3Error,
     RemoteProtocolError,
+    ScanEntries,
     ScanListing,
     ServerError,
     State,
+    UidlEntries,
     UidlListing,
     commands,
     sasl,
@@ -447,9 +449,18 @@ class Pop3Client:
 
         Sequential when the server never announced PIPELINING.
         """
+        uidls, sizes = self.listing_entries()
+        return list(uidls), dict(sizes)
+
+    def listing_entries(self) -> tuple[UidlEntries, ScanEntries]:
+        """:meth:`listings` in the core's compact form (arrays, not a tuple per message).
+
+        For mailboxes that list millions of messages: see :mod:`popsync.listing`.
+        """
         if not self.may_pipeline:
             self.capabilities()
-            return self.uidl_listing(), self.scan_listing()
+            uidl = self._expect(self.request(commands.uidl()), UidlListing).entries
+            return uidl, self._expect(self.request(commands.list_()), ScanListing).entries
         ask_caps = self._caps is None
         self._send(*([commands.capa()] if ask_caps else []), commands.uidl(), commands.list_())
         if ask_caps:
@@ -458,13 +469,12 @@ class Pop3Client:
             except ServerError:
                 self._caps = {}
         try:
-            uidls = list(self._expect(self._next(), UidlListing).entries)
+            uidls = self._expect(self._next(), UidlListing).entries
         except ServerError:
             with contextlib.suppress(ServerError):
                 self._next()  # LIST's reply is still on its way: stay in step
             raise
-        sizes = dict(self._expect(self._next(), ScanListing).entries)
-        return uidls, sizes
+        return uidls, self._expect(self._next(), ScanListing).entries
 
     def _choose_mechanism(self, mechanism: str) -> str:
         choice = mechanism.lower()

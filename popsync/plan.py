@@ -16,7 +16,7 @@ Invariants (the product's promises, in order of importance):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -97,19 +97,40 @@ def _show(uidls: Sequence[bytes]) -> str:
 
 def _first_and_duplicates(
     listing: Sequence[ListingItem],
-) -> tuple[list[ListingItem], list[bytes]]:
-    """Keep the first (lowest message number) item per UIDL; list repeated UIDLs once each."""
-    first: dict[bytes, ListingItem] = {}
+) -> tuple[Iterable[ListingItem], list[bytes], Collection[bytes]]:
+    """The first (lowest message number) item per UIDL in number order, the UIDLs listed
+    more than once, and every listed UIDL.
+
+    A listing may have a million items: none is copied, and in the usual case (numbers
+    ascending, no UIDL twice) the only thing built is one dict of the listing's own UIDLs,
+    or nothing when the listing offers ``distinct_uidls()`` (`popsync.listing.Listing`).
+    """
+    distinct = getattr(listing, "distinct_uidls", None)
+    known: Collection[bytes] | None = distinct() if callable(distinct) else None
+    if known is not None:
+        return listing, [], known
+    listed: dict[bytes, None] = {}
+    last = -1
+    ascending = True
+    for number, uidl, _ in listing:
+        ascending = ascending and number > last
+        last = number
+        listed[uidl] = None
+    if ascending and len(listed) == len(listing):
+        return listing, [], listed.keys()
+    del listed
+    first: dict[bytes, int] = {}
     duplicates: dict[bytes, None] = {}
-    for item in sorted(listing, key=lambda it: it[0]):
-        if item[1] in first:
-            duplicates[item[1]] = None
+    for index in sorted(range(len(listing)), key=lambda i: listing[i][0]):
+        uidl = listing[index][1]
+        if uidl in first:
+            duplicates[uidl] = None
         else:
-            first[item[1]] = item
-    return list(first.values()), list(duplicates)
+            first[uidl] = index
+    return (listing[index] for index in first.values()), list(duplicates), first.keys()
 
 
-def _reset_suspected(listed: set[bytes], seen: Mapping[bytes, EntryLike]) -> bool:
+def _reset_suspected(listed: Collection[bytes], seen: Mapping[bytes, EntryLike]) -> bool:
     """True when most delivered UIDLs vanished and most listed UIDLs are new to us."""
     delivered = [u for u, e in seen.items() if e.state == "delivered"]
     if len(delivered) < RESET_MIN_DELIVERED or not listed:
@@ -142,9 +163,8 @@ def plan_sync(
     now: float,
 ) -> Plan:
     """Plan one run from a complete listing of (message number, UIDL, size or None)."""
-    unique, duplicates = _first_and_duplicates(listing)
+    unique, duplicates, listed = _first_and_duplicates(listing)
     dup_set = set(duplicates)
-    listed = {uidl for _, uidl, _ in unique}
     warnings: list[str] = []
     if duplicates:
         warnings.append(

@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, NoReturn, Self, TypeAlias, cast
+from typing import Any, Literal, NoReturn, Self, TypeAlias, cast
 from urllib.parse import quote
 
 from popsync.errors import LocalIOError, LockBusy
@@ -43,6 +43,7 @@ __all__ = [
     "DB_FILENAME",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "EntryRow",
     "RunRecord",
     "SchemaTooNew",
     "SeenEntry",
@@ -169,7 +170,11 @@ _SELECT_ENTRIES = (
     " FROM seen WHERE account = ?"
 )
 _SELECT_PENDING = _SELECT_ENTRIES + " AND state = 'pending'"
-_EntryRow: TypeAlias = tuple[bytes, SeenState, str, int | None, float, float | None, float | None]
+_DELIVERED = "state = 'delivered' AND delivered_at IS NOT NULL"
+_SELECT_DELIVERED = f"SELECT uidl, delivered_at FROM seen WHERE account = ? AND {_DELIVERED}"  # noqa: S608
+_SELECT_OTHERS = f"{_SELECT_ENTRIES} AND NOT ({_DELIVERED})"
+#: One seen row as SQLite returns it, in `SeenEntry` field order.
+EntryRow: TypeAlias = tuple[bytes, SeenState, str, int | None, float, float | None, float | None]
 
 
 class SeenStore:
@@ -281,12 +286,39 @@ class SeenStore:
         """Every row of one account, keyed by UIDL."""
         return self._entries(_SELECT_ENTRIES, account)
 
+    def has_rows(self, account: str) -> bool:
+        """Whether the account has any row (without reading them all)."""
+        sql = "SELECT 1 FROM seen WHERE account = ? LIMIT 1"
+        return bool(self._query("read entries", sql, (account,)))
+
+    def delivered_times(self, account: str) -> Iterator[tuple[bytes, float]]:
+        """``(uidl, delivered_at)`` of every delivered row, streamed (the planner's bulk).
+
+        With `other_rows` this is every row of the account, read for the planner's diff
+        at a million rows without a list of rows or an entry object per row. Both hold the
+        store's lock until exhausted or closed: consume them promptly, in the calling thread.
+        """
+        return self._stream(_SELECT_DELIVERED, account)
+
+    def other_rows(self, account: str) -> Iterator[EntryRow]:
+        """Every row not returned by `delivered_times`, as a tuple in `SeenEntry` order."""
+        return self._stream(_SELECT_OTHERS, account)
+
+    def _stream(self, sql: str, account: str, batch: int = 4096) -> Iterator[Any]:
+        with self._lock:
+            try:
+                cursor = self._conn.execute(sql, (account,))
+                while rows := cursor.fetchmany(batch):
+                    yield from rows
+            except sqlite3.Error as exc:
+                _raise_sqlite(exc, "read entries")
+
     def pending(self, account: str) -> dict[bytes, SeenEntry]:
         """The pending rows of one account (what recovery looks at), keyed by UIDL."""
         return self._entries(_SELECT_PENDING, account)
 
     def _entries(self, sql: str, account: str) -> dict[bytes, SeenEntry]:
-        rows = cast("list[_EntryRow]", self._query("read entries", sql, (account,)))
+        rows = cast("list[EntryRow]", self._query("read entries", sql, (account,)))
         # Positional construction: this runs once per message on every poll.
         return {bytes(row[0]): SeenEntry(bytes(row[0]), *row[1:]) for row in rows}
 

@@ -33,7 +33,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from popsync.errors import ConfigError, ExitCode, LocalIOError, PopsyncError
+from popsync.listing import Listing, SeenView
 from popsync.maildir import Maildir, MessageMissing, TmpMessage, sanitize_host
 from popsync.plan import Plan, Policy, plan_sync
 from popsync.pop3 import errors as pop3_errors
@@ -469,11 +470,11 @@ def _open_maildir(account: Account) -> Maildir:
 
 def is_first_run(store: SeenStore, account: str) -> bool:
     """True when the store knows nothing of ``account``: no message and no run."""
-    return not store.entries(account) and account not in store.last_runs()
+    return not store.has_rows(account) and account not in store.last_runs()
 
 
 def mark_seen(
-    store: SeenStore, account: str, listing: list[tuple[int, bytes, int | None]], now: float
+    store: SeenStore, account: str, listing: Sequence[tuple[int, bytes, int | None]], now: float
 ) -> int:
     """Record every listed UIDL not yet known as delivered, without fetching; return how many.
 
@@ -504,9 +505,8 @@ def _retr_guard(account: Account) -> int | None:
     return None if not limit else limit + limit // 10 + 65536
 
 
-def _listing(client: Pop3Client) -> list[tuple[int, bytes, int | None]]:
-    uidls, sizes = client.listings()
-    return [(msgnum, uidl, sizes.get(msgnum)) for msgnum, uidl in uidls]
+def _listing(client: Pop3Client) -> Listing:
+    return Listing(*client.listing_entries())
 
 
 def _session(
@@ -537,7 +537,11 @@ def _session(
             log.info("first run: marked every message as seen", count=result.marked_seen)
             client.quit()
             return
-        plan = plan_sync(listing, store.entries(account.name), _policy(account), clock())
+        # Both sides stay compact: a mailbox may list a million messages (see listing.py).
+        seen = SeenView(
+            listing, store.delivered_times(account.name), store.other_rows(account.name)
+        )
+        plan = plan_sync(listing, seen, _policy(account), clock())
         log.debug(
             "planned",
             on_server=len(listing),

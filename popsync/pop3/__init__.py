@@ -30,7 +30,9 @@ from .events import (
     MessageEnd,
     MessageStart,
     Ok,
+    ScanEntries,
     ScanListing,
+    UidlEntries,
     UidlListing,
 )
 from .state import State
@@ -57,10 +59,12 @@ __all__ = [
     "PermFailure",
     "Pop3Error",
     "RemoteProtocolError",
+    "ScanEntries",
     "ScanListing",
     "ServerError",
     "State",
     "TempFailure",
+    "UidlEntries",
     "UidlListing",
     "Utf8Required",
     "commands",

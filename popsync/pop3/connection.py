@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable
-from typing import Final, TypeVar
+from operator import itemgetter
+from typing import Final
 
-from .buffer import DEFAULT_MAX_LINE, ReceiveBuffer
+from .buffer import DEFAULT_MAX_LINE, MAX_CAPA, MAX_LISTING, MAX_LISTING_ENTRIES, ReceiveBuffer
 from .commands import Command
 from .errors import LocalProtocolError, RemoteProtocolError, server_error
 from .events import (
@@ -27,7 +27,9 @@ from .events import (
     MessageEnd,
     MessageStart,
     Ok,
+    ScanEntries,
     ScanListing,
+    UidlEntries,
     UidlListing,
 )
 from .state import ALLOWED, State, next_state, next_state_after_err
@@ -95,24 +97,24 @@ def parse_uidl_line(line: bytes) -> tuple[int, bytes]:
 # careful per-line parser, which accepts the same lines and explains what is wrong.
 _SCAN_RE = re.compile(rb"[ \t]*([0-9]{1,20})[ \t]+([0-9]{1,20})(?:[ \t][^\n]*)?")
 _UIDL_RE = re.compile(rb"[ \t]*([0-9]{1,20})[ \t]+([\x21-\x7e\x80-\xff]+)[ \t]*")
+# The same, for every line of a block at once (each match is one whole line with its end).
+_SCAN_LINES = re.compile(
+    rb"^[ \t]*([0-9]{1,20})[ \t]+([0-9]{1,20})(?:[ \t][^\n]*)?\r?\n", re.MULTILINE
+)
+_UIDL_LINES = re.compile(
+    rb"^[ \t]*([0-9]{1,20})[ \t]+([\x21-\x7e\x80-\xff]+)[ \t]*\r?\n", re.MULTILINE
+)
+_first = itemgetter(0)
+_second = itemgetter(1)
 
-_T = TypeVar("_T", int, bytes)
 
-
-def _parse_all(
-    lines: list[bytes], pattern: re.Pattern[bytes], slow: Callable[[bytes], tuple[int, _T]]
-) -> tuple[tuple[int, _T], ...]:
-    out: list[tuple[int, _T]] = []
-    match = pattern.fullmatch
-    second_is_int = pattern is _SCAN_RE
-    for line in lines:
-        found = match(line)
-        if found is None:
-            out.append(slow(line))
-        else:
-            first, second = found.groups()
-            out.append((int(first), int(second) if second_is_int else second))  # type: ignore[arg-type]
-    return tuple(out)
+def _split_block(block: bytes) -> list[bytes]:
+    """The lines of a listing block without line ends, dot-unstuffed (RFC 1939)."""
+    lines = block.replace(b"\r\n", b"\n").split(b"\n")
+    lines.pop()  # the empty piece after the last line end
+    if block.startswith(b".") or b"\n." in block:
+        lines = [line[1:] if line[:1] == b"." else line for line in lines]
+    return lines
 
 
 def _parse_capabilities(lines: list[bytes]) -> dict[str, tuple[str, ...]]:
@@ -124,11 +126,93 @@ def _parse_capabilities(lines: list[bytes]) -> dict[str, tuple[str, ...]]:
     return caps
 
 
+class _Listing:
+    """A CAPA, LIST or UIDL reply being parsed block by block as its bytes arrive."""
+
+    __slots__ = ("command", "keep_lines", "lines", "octets", "ok", "scan", "uidl")
+
+    def __init__(self, command: Command, ok: bytes, keep_lines: bool) -> None:
+        self.command = command
+        self.ok = ok
+        self.octets = 0
+        self.keep_lines = keep_lines or command.verb == b"CAPA"
+        self.lines: list[bytes] = []
+        self.scan = ScanEntries()
+        self.uidl = UidlEntries()
+
+    def add(self, block: bytes) -> None:
+        """Parse one block of whole lines (see ReceiveBuffer.take_listing_block)."""
+        verb = self.command.verb
+        self.octets += len(block)
+        limit = MAX_CAPA if verb == b"CAPA" else MAX_LISTING
+        if self.octets > limit:
+            # Lines are limited one by one; the reply as a whole must be too, or a
+            # hostile server could grow memory without end.
+            raise RemoteProtocolError(f"server {verb.decode()} reply is larger than {limit} octets")
+        if self.keep_lines:
+            self.lines += _split_block(block)
+        if verb == b"CAPA":
+            return
+        try:
+            if verb == b"LIST":
+                self._add_scan(block)
+            else:
+                self._add_uidl(block)
+        except OverflowError:
+            raise RemoteProtocolError(
+                f"message number or size out of range in {verb.decode()} listing"
+            ) from None
+        if len(self.scan.numbers) + len(self.uidl.numbers) > MAX_LISTING_ENTRIES:
+            raise RemoteProtocolError(
+                f"server {verb.decode()} listing has more than {MAX_LISTING_ENTRIES} entries"
+            )
+
+    def _add_scan(self, block: bytes) -> None:
+        found = _SCAN_LINES.findall(block)
+        numbers, sizes = self.scan.numbers, self.scan.sizes
+        if len(found) == block.count(b"\n"):  # every line matched the common form
+            numbers.extend(map(int, map(_first, found)))
+            sizes.extend(map(int, map(_second, found)))
+            return
+        for line in _split_block(block):
+            hit = _SCAN_RE.fullmatch(line)
+            number, size = parse_scan_line(line) if hit is None else map(int, hit.groups())
+            numbers.append(number)
+            sizes.append(size)
+
+    def _add_uidl(self, block: bytes) -> None:
+        found = _UIDL_LINES.findall(block)
+        numbers, uids = self.uidl.numbers, self.uidl.uids
+        if len(found) == block.count(b"\n"):
+            numbers.extend(map(int, map(_first, found)))
+            uids += map(_second, found)
+            return
+        for line in _split_block(block):
+            hit = _UIDL_RE.fullmatch(line)
+            if hit is None:
+                number, uid = parse_uidl_line(line)
+            else:
+                number, uid = int(hit.group(1)), hit.group(2)
+            numbers.append(number)
+            uids.append(uid)
+
+    def event(self) -> Capabilities | ScanListing | UidlListing:
+        """The finished reply as an event."""
+        command, ok, lines = self.command, self.ok, tuple(self.lines)
+        if command.verb == b"CAPA":
+            return Capabilities(command, _parse_capabilities(self.lines), ok, lines)
+        if command.verb == b"LIST":
+            return ScanListing(command, self.scan, ok, lines)
+        return UidlListing(command, self.uidl, ok, lines)
+
+
 class ClientConnection:
     """The POP3 client side of one session, without I/O."""
 
-    def __init__(self, *, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, *, max_line: int = DEFAULT_MAX_LINE, keep_lines: bool = False) -> None:
+        """``keep_lines`` also keeps the raw lines of LIST and UIDL (for poplib's API)."""
         self._buffer = ReceiveBuffer(max_line)
+        self._keep_lines = keep_lines
         self._outstanding: deque[Command] = deque()
         self._stls_pending = False  # an STLS is outstanding: nothing may follow it
         self._state = State.AUTHORIZATION
@@ -137,8 +221,7 @@ class ClientConnection:
         self._eof = False
         self._broken: RemoteProtocolError | None = None
         self._in_body = False
-        self._listing: list[bytes] | None = None
-        self._listing_ok = b""
+        self._listing: _Listing | None = None
 
     # ----------------------------------------------------------------- inspection
     @property
@@ -222,13 +305,9 @@ class ClientConnection:
             return self._read_greeting()
         if self._in_body:
             return self._read_body()
-        while True:
-            if self._listing is not None:
-                event = self._read_listing_line()
-                if event is None:
-                    continue
-                return event
-            return self._read_status()
+        if self._listing is not None:
+            return self._read_listing()
+        return self._read_status()
 
     # --------------------------------------------------------------- the readers
     def _need(self, what: str) -> NeedData:
@@ -237,7 +316,7 @@ class ClientConnection:
         return NEED_DATA
 
     def _read_greeting(self) -> Greeting | NeedData:
-        line = self._buffer.take_line()
+        line = self._buffer.take_line(MAX_CAPA)
         if line is None:
             return self._need("greeting")
         self._greeted = True
@@ -258,7 +337,8 @@ class ClientConnection:
                 return ConnectionClosed()
             return NEED_DATA
         command = self._outstanding[0]
-        line = self._buffer.take_line()
+        # Before authentication anyone on the path may be talking: keep it small.
+        line = self._buffer.take_line(MAX_CAPA if self._state is State.AUTHORIZATION else None)
         if line is None:
             return self._need(f"reply to {command.verb.decode()}")
         head = line[:4].upper()
@@ -279,8 +359,7 @@ class ClientConnection:
                 self._in_body = True
                 self._buffer.start_body()
                 return MessageStart(command, line)
-            self._listing = []
-            self._listing_ok = line
+            self._listing = _Listing(command, line, self._keep_lines)
             return self._next_event()
         self._outstanding.popleft()
         self._state = next_state(self._state, command.verb)
@@ -303,28 +382,21 @@ class ClientConnection:
             predicted = next_state(predicted, pending.verb)
         self._predicted = predicted
 
-    def _read_listing_line(self) -> Event | NeedData | None:
-        assert self._listing is not None
-        command = self._outstanding[0]
-        lines = self._buffer.take_listing()
-        if lines is None:
-            return self._need(f"{command.verb.decode()} listing")
-        self._listing = lines
-        return self._finish_listing(command)
-
-    def _finish_listing(self, command: Command) -> Event:
-        assert self._listing is not None
-        lines, ok = self._listing, self._listing_ok
+    def _read_listing(self) -> Event | NeedData:
+        listing = self._listing
+        assert listing is not None
+        while True:
+            taken = self._buffer.take_listing_block()
+            if taken is None:
+                return self._need(f"{listing.command.verb.decode()} listing")
+            block, ended = taken
+            if block:
+                listing.add(block)
+            if ended:
+                break
         self._listing = None
         self._outstanding.popleft()
-        if command.verb == b"CAPA":
-            return Capabilities(command, _parse_capabilities(lines), ok, tuple(lines))
-        if command.verb == b"LIST":
-            return ScanListing(
-                command, _parse_all(lines, _SCAN_RE, parse_scan_line), ok, tuple(lines)
-            )
-        uid_entries = _parse_all(lines, _UIDL_RE, parse_uidl_line)
-        return UidlListing(command, uid_entries, ok, tuple(lines))
+        return listing.event()
 
     def _read_body(self) -> Event | NeedData:
         while True:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from popsync.pop3 import ClientConnection, ConnectionClosed, RemoteProtocolError
+from popsync.pop3 import NEED_DATA, ClientConnection, ConnectionClosed, RemoteProtocolError
 from popsync.pop3 import commands as cmd
 from popsync.pop3.buffer import ReceiveBuffer
 from popsync.pop3.state import ALLOWED
@@ -169,16 +169,26 @@ def test_buffer_compacts_consumed_bytes() -> None:
     assert len(buf._data) < 1000  # memory is what is checked
 
 
-def test_listing_without_terminator_is_limited_as_a_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Short lines without a terminating dot cannot grow a listing past MAX_LISTING."""
-    from popsync.pop3 import buffer as buffer_module
-    from popsync.pop3.buffer import ReceiveBuffer
-    from popsync.pop3.errors import RemoteProtocolError
+@pytest.mark.parametrize(
+    ("limit", "value", "message"),
+    [
+        ("MAX_LISTING", 1000, "reply is larger than 1000 octets"),
+        ("MAX_LISTING_ENTRIES", 150, "more than 150 entries"),
+    ],
+)
+def test_listing_without_terminator_is_limited_as_a_whole(
+    monkeypatch: pytest.MonkeyPatch, limit: str, value: int, message: str
+) -> None:
+    """Short lines without a terminating dot cannot grow a listing past its octet or entry cap."""
+    from popsync.pop3 import connection as connection_module
 
-    monkeypatch.setattr(buffer_module, "MAX_LISTING", 1000)
-    buf = ReceiveBuffer()
-    buf.feed(b"1 uid\r\n" * 100)
-    assert buf.take_listing() is None
-    buf.feed(b"1 uid\r\n" * 100)
-    with pytest.raises(RemoteProtocolError, match="listing is larger"):
-        buf.take_listing()
+    monkeypatch.setattr(connection_module, limit, value)
+    conn = ClientConnection()
+    for command in (*LOGIN, cmd.uidl()):
+        conn.send(command)
+    conn.receive_data(LOGIN_BYTES + b"+OK\r\n" + b"1 uid\r\n" * 100)
+    events = [conn.next_event() for _ in range(4)]
+    assert events[-1] is NEED_DATA
+    conn.receive_data(b"1 uid\r\n" * 100)
+    with pytest.raises(RemoteProtocolError, match=message):
+        conn.next_event()
