@@ -52,14 +52,14 @@ class Listing(Sequence[ListingItem]):
     @classmethod
     def from_items(cls, items: Iterable[ListingItem]) -> Listing:
         """Build one from ``(number, uidl, size or None)`` tuples (tests, small listings)."""
-        uidl, scan = UidlEntries(), ScanEntries()
+        uidl, sizes = UidlEntries(), array("q")
         for number, uid, size in items:
             uidl.numbers.append(number)
             uidl.uids.append(uid)
-            if size is not None:
-                scan.numbers.append(number)
-                scan.sizes.append(size)
-        return cls(uidl, scan)
+            sizes.append(_NO_SIZE if size is None else size)
+        listing = cls(uidl, ScanEntries())
+        listing.sizes = sizes
+        return listing
 
     def __len__(self) -> int:
         return len(self.numbers)
@@ -148,14 +148,14 @@ class SeenView(Mapping[bytes, SeenValue]):
         listed = listing.joined()
         unlisted: dict[bytes, SeenValue] = {}
         shared: dict[float, _Delivered] = {}
+        last: _Delivered | None = None
         for uidl, delivered_at in delivered:
-            value = shared.get(delivered_at) or shared.setdefault(
-                delivered_at, _Delivered(delivered_at)
-            )
+            if last is None or last.delivered_at != delivered_at:  # rows come in batches
+                last = shared.setdefault(delivered_at, _Delivered(delivered_at))
             if uidl in listed:
-                listed[uidl] = value
+                listed[uidl] = last
             else:
-                unlisted[uidl] = value
+                unlisted[uidl] = last
         for row in others:
             entry = SeenEntry(*row)
             if entry.uidl in listed:

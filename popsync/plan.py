@@ -136,9 +136,10 @@ def _reset_suspected(listed: Collection[bytes], seen: Mapping[bytes, EntryLike])
     if len(delivered) < RESET_MIN_DELIVERED or not listed:
         return False
     missing = sum(1 for u in delivered if u not in listed)
+    if missing < RESET_MISSING_RATIO * len(delivered):
+        return False  # the usual case; spares a pass over a listing of a million
     unknown = sum(1 for u in listed if u not in seen)
-    mostly_missing = missing >= RESET_MISSING_RATIO * len(delivered)
-    return mostly_missing and unknown > RESET_UNKNOWN_RATIO * len(listed)
+    return unknown > RESET_UNKNOWN_RATIO * len(listed)
 
 
 def _may_delete(entry: EntryLike, policy: Policy, now: float) -> bool:

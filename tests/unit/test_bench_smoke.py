@@ -184,6 +184,38 @@ def test_quick_bench_verifies_every_run(bench_out: Path) -> None:
     assert elapsed < 60
 
 
+@pytest.mark.dovecot
+@pytest.mark.timeout(180)
+def test_quick_scale_uidl_primes_both_tools_and_each_fetches_only_the_new(
+    bench_out: Path,
+) -> None:
+    """scale-uidl (quick): mpop and popsync start primed and fetch exactly the 10 new messages."""
+    if not dovecot_available():
+        pytest.skip("Dovecot is not installed")
+    if shutil.which("mpop") is None:
+        pytest.skip("mpop is not installed (python -m bench.run installs it as root)")
+    opts = Options(
+        scenarios=("scale-uidl",),
+        tools=("mpop", "popsync"),
+        runs=1,
+        quick=True,
+        out=bench_out,
+        storage="dir",
+        install=False,
+        command="pytest tests/unit/test_bench_smoke.py",
+    )
+    report = run_bench(opts)
+    assert report.all_ok, render(report)
+    assert [s.name for s in report.scenarios] == ["scale-uidl-100k", "scale-uidl-1m"]
+    for scenario in report.scenarios:
+        rows = {r.tool: r for r in scenario.rows}
+        assert set(rows) == {"mpop", "popsync"}
+        for row in rows.values():
+            assert row.messages == 10
+            assert row.verdicts[0].startswith("OK"), row.verdicts
+            assert 0 < row.runs[0].maxrss_kib < 200 * 1024
+
+
 _FAKE_DAEMON = """
 import json, signal, sys, time
 def log(**kw):

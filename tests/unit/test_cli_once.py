@@ -19,7 +19,7 @@ from popsync.config import load_config
 from popsync.seen import SeenStore
 from popsync.sync import sync_account
 from tests.conftest import in_ci
-from tests.fake_pop3 import Close, FakePop3Server, Send, Stall, StartTLS, Step
+from tests.fake_pop3 import Close, Expect, FakePop3Server, Send, Stall, StartTLS, Step
 from tests.synchelp import (
     TomlValue,
     assert_exactly_once,
@@ -156,6 +156,27 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["/bin/umount", "-l", str(where)], check=False)
+
+
+_CAPA_FLOOD = b"+OK\r\nSTLS\r\nUSER\r\n" + b"X-FLOOD %s\r\n" % (b"f" * 92) * 20_000 + b".\r\n"
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_huge_capa_before_login_exits_76_and_sends_nothing(
+    run: Runner, tmp_path: Path, tls: str
+) -> None:
+    """A 2 MB CAPA before STLS or before login is refused after 64 KiB: 76, no credential."""
+    script: list[Step] = [Send(b"+OK hi\r\n"), Expect(b"CAPA", reply=_CAPA_FLOOD)]
+    if tls == "implicit":
+        script.insert(0, StartTLS())
+    with FakePop3Server(script) as server:
+        keys = _plain_keys(tmp_path, server.port, tls=tls, tls_ca_file=str(server.ca_file))
+        code, _out, err = run(["--once", "-c", _config(tmp_path, acct=keys)])
+    assert code == 76
+    assert "acct: FAILED (protocol)" in err
+    assert "CAPA reply is larger than 65536 octets" in err
+    assert server.commands[0] == b"CAPA"
+    assert not [c for c in server.commands if c.split()[0] in (b"STLS", b"USER", b"PASS", b"AUTH")]
 
 
 def test_unwritable_maildir_exits_74(run: Runner, tmp_path: Path, readonly_dir: Path) -> None:

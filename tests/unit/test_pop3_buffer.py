@@ -192,3 +192,84 @@ def test_listing_without_terminator_is_limited_as_a_whole(
     conn.receive_data(b"1 uid\r\n" * 100)
     with pytest.raises(RemoteProtocolError, match=message):
         conn.next_event()
+
+
+def test_listing_blocks_hold_whole_lines_and_stop_at_the_terminator() -> None:
+    """Blocks end at a line end, span at most max_line + 2 octets and never pass the dot."""
+    buf = ReceiveBuffer(max_line=10)
+    buf.feed(b"1 aaaa\r\n2 bbbb\r\n..x\r\n")
+    assert buf.take_listing_block() == (b"1 aaaa\r\n", False)  # 16 octets do not fit in 12
+    assert buf.take_listing_block() == (b"2 bbbb\r\n", False)
+    buf.feed(b".\r")
+    assert buf.take_listing_block() == (b"..x\r\n", False)
+    assert buf.take_listing_block() is None  # ".\r" may still become the terminator
+    buf.feed(b"\n+OK")
+    assert buf.take_listing_block() == (b"", True)
+    assert len(buf) == 3
+
+
+@pytest.mark.parametrize(
+    ("line", "ok"),
+    [(b"9" * 10 + b"\r\n", True), (b"9" * 10 + b"\n", True), (b"9" * 11 + b"\n", False)],
+)
+def test_listing_line_of_max_line_octets_is_the_longest_accepted(line: bytes, ok: bool) -> None:
+    """A listing line of exactly max_line octets passes with CRLF or LF; one more does not."""
+    buf = ReceiveBuffer(max_line=10)
+    buf.feed(line + b".\r\n")
+    if ok:
+        assert buf.take_listing_block() == (line, False)  # the window holds the line only
+        assert buf.take_listing_block() == (b"", True)
+    else:
+        with pytest.raises(RemoteProtocolError, match="longer than 10"):
+            buf.take_listing_block()
+
+
+def test_greeting_is_capped_at_64_kib_whatever_max_line_says() -> None:
+    """Before login nothing over 64 KiB is buffered as a line, even with a huge max_line."""
+    conn = ClientConnection(max_line=1 << 20)
+    conn.receive_data(b"+OK " + b"g" * 70_000)
+    with pytest.raises(RemoteProtocolError, match="longer than 65536"):
+        conn.next_event()
+
+
+def test_status_lines_before_login_are_capped_but_not_after() -> None:
+    """A 70,000-octet reply line is refused before login and accepted in TRANSACTION."""
+    long_text = b"t" * 70_000
+    before = ClientConnection(max_line=1 << 20)
+    before.send(cmd.user("u"))
+    before.receive_data(b"+OK hi\r\n+OK " + long_text + b"\r\n")
+    before.next_event()
+    with pytest.raises(RemoteProtocolError, match="longer than 65536"):
+        before.next_event()
+    after = ClientConnection(max_line=1 << 20)
+    for command in (*LOGIN, cmd.noop()):
+        after.send(command)
+    after.receive_data(LOGIN_BYTES + b"+OK " + long_text + b"\r\n")
+    events = [after.next_event() for _ in range(4)]
+    assert getattr(events[-1], "text", None) == long_text.decode()
+
+
+def test_capa_after_login_is_capped_too() -> None:
+    """CAPA is small by nature: over 64 KiB it is refused after login as well."""
+    conn = ClientConnection()
+    for command in (*LOGIN, cmd.capa()):
+        conn.send(command)
+    conn.receive_data(LOGIN_BYTES + b"+OK\r\n" + b"X-CAP " + b"z" * 1000 + b"\r\n")
+    for _ in range(3):
+        conn.next_event()
+    for _ in range(64):  # 65 lines of 1,008 octets: 65,520
+        conn.receive_data(b"X-CAP " + b"z" * 1000 + b"\r\n")
+        assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"X-CAP " + b"z" * 1000 + b"\r\n")
+    with pytest.raises(RemoteProtocolError, match="CAPA reply is larger than 65536"):
+        conn.next_event()
+
+
+@pytest.mark.parametrize("value", [b"9223372036854775808", b"99999999999999999999"])
+def test_numbers_past_64_bits_are_a_protocol_error(value: bytes) -> None:
+    """A message number or size that cannot be stored compactly is refused, not truncated."""
+    for listing in (b"1 " + value, value + b" uid"):
+        command = cmd.list_() if listing.startswith(b"1 ") else cmd.uidl()
+        got = events_for((*LOGIN, command), LOGIN_BYTES + b"+OK\r\n" + listing + b"\r\n.\r\n")
+        assert summarize(got)[-1] == ("broken",)
+        assert "out of range" in got[-1].message  # type: ignore[attr-defined]
