@@ -291,6 +291,13 @@ class SeenStore:
         sql = "SELECT 1 FROM seen WHERE account = ? LIMIT 1"
         return bool(self._query("read entries", sql, (account,)))
 
+    def count(self, account: str) -> int:
+        """How many rows the account has (without reading them)."""
+        rows = self._query(
+            "count entries", "SELECT count(*) FROM seen WHERE account = ?", (account,)
+        )
+        return int(cast("int", rows[0][0]))
+
     def delivered_times(self, account: str) -> Iterator[tuple[bytes, float]]:
         """``(uidl, delivered_at)`` of every delivered row, streamed (the planner's bulk).
 

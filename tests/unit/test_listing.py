@@ -139,6 +139,8 @@ def test_store_rows_for_the_view_cover_every_row_once(tmp_path: Path) -> None:
         others = list(store.other_rows("a"))
         assert sorted(delivered) == [(b"d1", NOW), (b"d2", NOW)]
         assert [SeenEntry(*row) for row in others] == [store.entries("a")[b"p"]]
+        assert (store.count("a"), store.count("none")) == (3, 0)
+        assert (store.has_rows("b"), store.has_rows("none")) == (True, False)
         listing = Listing.from_items([(1, b"d1", 1), (2, b"new", 1)])
         view = SeenView(listing, store.delivered_times("a"), store.other_rows("a"))
         assert sorted(view) == sorted(store.entries("a"))
