@@ -597,6 +597,11 @@ def connect(
     return stream
 
 
+def _dial(host: str, port: int, timeout: float) -> socket.socket:
+    """socket.create_connection, with name resolution bounded by ``timeout`` as well."""
+    return _open(_resolve(host, port, timeout), timeout, Pace(), _where(host, port))
+
+
 def open_socket(host: str, port: int, timeout: float | None) -> socket.socket:
     """A raw TCP socket with unmapped errors, for :mod:`popsync.poplib` (poplib raises OSError)."""
     return socket.create_connection((host, port), timeout)
@@ -620,7 +625,7 @@ def probe_greeting(host: str, port: int, timeout: float) -> bytes | None:
     TLS handshake: a ``+OK`` here means the port speaks plain POP3.
     """
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with _dial(host, port, timeout) as sock:
             data = b""
             while b"\n" not in data and len(data) < 512:
                 chunk = sock.recv(512 - len(data))
@@ -639,7 +644,7 @@ def probe_tls(host: str, port: int, timeout: float, server_hostname: str | None 
     """
     try:
         with (
-            socket.create_connection((host, port), timeout=timeout) as sock,
+            _dial(host, port, timeout) as sock,
             unverified_context().wrap_socket(sock, server_hostname=server_hostname or host),
         ):
             return True

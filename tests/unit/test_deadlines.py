@@ -196,6 +196,17 @@ def test_name_resolution_honours_the_login_budget(monkeypatch: pytest.MonkeyPatc
     assert isinstance(caught.value, NetworkError)
 
 
+def test_the_misconfiguration_probes_bound_name_resolution_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second connections that diagnose a wrong tls/port give up at their timeout."""
+    _slow_resolver(monkeypatch, 3.0)
+    started = time.monotonic()
+    assert net.probe_greeting("slow.invalid", 110, 0.3) is None
+    assert net.probe_tls("slow.invalid", 995, 0.3) is False
+    assert time.monotonic() - started < 1.5
+
+
 def test_once_exits_75_with_a_line_naming_the_phase(tmp_path: Path) -> None:
     """`popsync --once` against a dripping greeting: exit 75 and the phase on stderr."""
     with FakePop3Server([StartTLS(), SLOW_GREETING], linger=0.1) as server:
