@@ -322,8 +322,8 @@ ssl = yes
 ssl_cert = <{self._cert_file}
 ssl_key = <{self._key_file}
 disable_plaintext_auth = no
-# apop puts the <timestamp> into the greeting; all need a plaintext passdb.
-auth_mechanisms = plain login cram-md5 apop
+# apop puts the <timestamp> into the greeting; all (scram-sha-256 too) need a plaintext passdb.
+auth_mechanisms = plain login cram-md5 scram-sha-256 apop
 auth_verbose = yes
 auth_failure_delay = 0
 mail_location = maildir:{self.mail_dir}/%u

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Literal, Protocol, Self, TypeVar
 
 from . import net
-from .errors import ExitCode, NetworkError, TlsError
+from .errors import ExitCode, NetworkError, PopsyncError, TlsError
 from .pop3 import (
     DEFAULT_MAX_LINE,
     Capabilities,
@@ -55,8 +55,10 @@ from .pop3 import (
 __all__ = [
     "DEFAULT_PIPELINE_WINDOW",
     "DEFAULT_TIMEOUT",
+    "MAX_SASL_ROUNDS",
     "ConnectionLost",
     "MessageTooLarge",
+    "NoSafeMechanism",
     "PlaintextRefused",
     "Pop3Client",
     "Sink",
@@ -89,6 +91,18 @@ class PlaintextRefused(LocalProtocolError):
     """A credential would have crossed an unencrypted connection; nothing was sent."""
 
 
+class NoSafeMechanism(PlaintextRefused, PopsyncError):
+    """``auto`` over clear text found no mechanism that keeps the password secret.
+
+    Nothing was sent. Exit code 78 (configuration), not 77: the server refused nothing,
+    and retrying cannot help; the user has to choose TLS or, knowingly, a revealing
+    mechanism (``auth = "user"`` with ``allow_plaintext = true``). A server that suddenly
+    stops offering SCRAM or APOP may also have a man in the middle stripping them.
+    """
+
+    exit_code = ExitCode.CONFIG
+
+
 class MessageTooLarge(Pop3Error):
     """A message grew past ``max_size``; the connection was closed (RETR cannot be aborted)."""
 
@@ -109,6 +123,13 @@ class StartTlsUnavailable(TlsError):
 
 _AUTO_ORDER = sasl.SASL_PREFERENCE
 _LOGIN_VERBS = {"user", "apop", "rpop"}
+#: What ``auto`` may pick over an unencrypted connection, strongest first (then APOP):
+#: mechanisms that prove knowledge of the password without sending it.
+_HIDING_ORDER = tuple(name for name in _AUTO_ORDER if name not in sasl.REVEALING)
+
+#: Server challenges answered in one SASL exchange before popsync gives up. The longest
+#: exchange it speaks (SCRAM, or PLAIN re-sent after an empty challenge) needs two.
+MAX_SASL_ROUNDS = 10
 
 
 class Pop3Client:
@@ -396,14 +417,20 @@ class Pop3Client:
     ) -> str:
         """Authenticate and return the server's ``+OK`` text.
 
-        ``mechanism`` is ``"auto"`` (strongest SASL mechanism offered among SCRAM-SHA-256,
-        CRAM-MD5, PLAIN, LOGIN; then APOP when the greeting has a timestamp; then
-        USER/PASS), ``"user"``, ``"apop"``, ``"rpop"`` (``secret`` is the RPOP argument,
-        RFC 1081) or a SASL name (also XOAUTH2 and OAUTHBEARER, where ``secret`` is the
-        token). No credential is sent over a clear-text connection unless
-        ``allow_plaintext``. With ``utf8`` the UTF8 command is sent first when CAPA
-        lists it. A refusal raises :class:`~popsync.pop3.AuthFailed` (``[AUTH]``) or
-        another :class:`~popsync.pop3.ServerError`.
+        ``mechanism`` is ``"auto"``, ``"user"``, ``"apop"``, ``"rpop"`` (``secret`` is
+        the RPOP argument, RFC 1081) or a SASL name (also XOAUTH2 and OAUTHBEARER, where
+        ``secret`` is the token). An explicit mechanism is used as asked, never replaced
+        by another. ``"auto"`` over TLS picks the strongest SASL mechanism offered among
+        SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN; then APOP when the greeting has a
+        timestamp; then USER/PASS. Over clear text it only ever picks one that does not
+        reveal the password (SCRAM-SHA-256, CRAM-MD5, then APOP) and raises
+        :class:`NoSafeMechanism` when there is none.
+
+        No credential is sent over a clear-text connection unless ``allow_plaintext``.
+        With ``utf8`` the UTF8 command is sent first when CAPA lists it. A refusal raises
+        :class:`~popsync.pop3.AuthFailed` (``[AUTH]``) or another
+        :class:`~popsync.pop3.ServerError`; a server that fails SCRAM's proof of its own
+        identity raises :class:`~popsync.pop3.SaslAuthError`.
         """
         if not self.is_tls and not allow_plaintext:
             raise PlaintextRefused(
@@ -477,6 +504,7 @@ class Pop3Client:
         return uidls, self._expect(self._next(), ScanListing).entries
 
     def _choose_mechanism(self, mechanism: str) -> str:
+        """The one rule: explicit is honoured as is; ``auto`` never reveals over clear text."""
         choice = mechanism.lower()
         if choice in _LOGIN_VERBS:
             return choice
@@ -485,11 +513,19 @@ class Pop3Client:
                 raise LocalProtocolError(f"unsupported authentication mechanism {mechanism!r}")
             return mechanism.upper()
         offered = {name.upper() for name in self.capabilities().get("SASL", ())}
-        for name in _AUTO_ORDER:
+        encrypted = self.is_tls
+        for name in _AUTO_ORDER if encrypted else _HIDING_ORDER:
             if name in offered:
                 return name
         if self.welcome.timestamp is not None:
             return "apop"
+        if not encrypted:
+            raise NoSafeMechanism(
+                f"{self._where}: the server offers no login that keeps the password secret "
+                f"over an unencrypted connection ({', '.join(_HIDING_ORDER)} or APOP), so "
+                'auth = "auto" sent nothing; use TLS, or set auth = "user" together with '
+                "allow_plaintext = true to send the password in clear text anyway"
+            )
         return "user"
 
     def _authenticate(self, name: str, user: str, secret: str, two_step: bool) -> str:
@@ -509,16 +545,31 @@ class Pop3Client:
                 # Too long for the AUTH line: send it after the server's empty challenge.
                 self._send(commands.auth(name))
                 pending = base64.b64encode(initial)
-        while True:
+        for _round in range(MAX_SASL_ROUNDS + 1):
             event = self._next()
             if isinstance(event, Ok):
+                try:
+                    mech.succeeded()
+                except RemoteProtocolError:
+                    # Logged in as far as the server is concerned, but it is not trusted:
+                    # drop the connection without a single further command.
+                    self.close()
+                    raise
                 return event.text
             challenge = self._expect(event, Continuation)
+            if _round == MAX_SASL_ROUNDS:
+                break
             if pending is not None:
                 answer, pending = pending, None
             else:
                 answer = self._sasl_step(mech, challenge.data)
             self._send_raw(self._conn.send_sasl(answer))
+        with contextlib.suppress(Exception):
+            self._cancel_sasl()
+        self.close()
+        raise RemoteProtocolError(
+            f"{self._where}: AUTH {name}: server sent more than {MAX_SASL_ROUNDS} challenges"
+        )
 
     def _sasl_step(self, mech: sasl.Mechanism, data: bytes) -> bytes:
         try:
@@ -528,7 +579,10 @@ class Pop3Client:
                 raise RemoteProtocolError(f"SASL challenge is not base64: {data[:40]!r}") from None
             return base64.b64encode(mech.step(decoded))
         except RemoteProtocolError:
-            self._cancel_sasl()
+            # The first complaint is the one worth reporting, not a garbled cancel reply.
+            with contextlib.suppress(Exception):
+                self._cancel_sasl()
+            self.close()
             raise
 
     def _cancel_sasl(self) -> None:

@@ -34,6 +34,7 @@ from popsync.errors import ConfigError
 from popsync.units import format_duration, normalize_fingerprint, parse_duration, parse_size
 
 __all__ = [
+    "CLEARTEXT_AUTH",
     "SECRET_KEYS",
     "Account",
     "AuthMechanism",
@@ -75,7 +76,8 @@ SECRET_KEYS = ("password", "password_file", "password_command", "password_env")
 MIN_INTERVAL = 10.0
 DEFAULT_PORTS: Mapping[str, int] = {"implicit": 995, "starttls": 110, "none": 110}
 # Mechanisms that hand the server a reusable credential: over tls = "none" anyone on the path
-# could replay it, so they are refused there even with allow_plaintext.
+# learns it. Allowed only when named explicitly (with allow_plaintext, which tls = "none"
+# needs anyway), and then each run logs a warning; auth = "auto" never picks them there.
 CLEARTEXT_AUTH = frozenset({"user", "rpop", "plain", "login", "xoauth2", "oauthbearer"})
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -258,8 +260,12 @@ class Account(BaseModel):
     @field_validator("password_env")
     @classmethod
     def _check_env_name(cls, value: str | None) -> str | None:
+        # The value is never shown: a password put here by mistake must not be echoed.
         if value is not None and not _ENV_NAME_RE.fullmatch(value):
-            raise ValueError(f"not an environment variable name (got {value!r})")
+            raise ValueError(
+                "not an environment variable name (letters, digits and '_'; the value is not "
+                "shown in case it is a password put here by mistake)"
+            )
         return value
 
     @field_validator("interval")
@@ -303,14 +309,6 @@ def _account_problems(account: Account) -> list[tuple[str, str]]:
     if account.tls == "none" and not account.allow_plaintext:
         problems.append(
             ("tls", '"none" sends everything unencrypted; set allow_plaintext = true to allow it')
-        )
-    if account.tls == "none" and account.auth in CLEARTEXT_AUTH:
-        problems.append(
-            (
-                "auth",
-                f'"{account.auth}" would reveal the password over tls = "none"; use tls = '
-                '"implicit" or "starttls", or auth = "apop", "cram-md5" or "scram-sha-256"',
-            )
         )
     if account.tls_fingerprint and account.tls == "none":
         problems.append(("tls_fingerprint", 'has no effect with tls = "none"; remove it'))

@@ -11,7 +11,10 @@ its own timestamp, so the line carries none.
 Everything ends in one stdlib handler whose ``structlog.stdlib.ProcessorFormatter`` renders
 both structlog events and plain ``logging`` records (APScheduler's ``"apscheduler"`` logger, the
 stdlib ``warnings`` module), so journald and ``docker logs`` see one format. ``redact_secrets``
-runs last before rendering, on every event from either source.
+runs last before rendering, on every event from either source: besides secret-named keys and
+PASS/AUTH-looking text it removes the running account's secret (:mod:`popsync.textsafe`) and
+escapes control characters, so a server's ``ESC`` sequences or CR/LF cannot reach a terminal
+or forge log lines, even through a traceback.
 
 ``configure_logging`` may be called again (the daemon does on SIGHUP): it replaces its own
 handler rather than stacking another one.
@@ -28,6 +31,8 @@ from typing import Literal, TextIO, get_args
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from popsync.textsafe import escape_controls, scrub
 
 __all__ = [
     "HEARTBEAT_JOB",
@@ -64,6 +69,9 @@ _SECRET_TEXT = (
     (re.compile(r"\b(APOP[ \t]+\S+)[ \t]+[0-9A-Fa-f]{32}\b"), r"\1 " + REDACTED),
     (re.compile(r"(?i)\b(Bearer|Basic)[ \t]+[A-Za-z0-9._~+/-]{8,}=*"), r"\1 " + REDACTED),
 )
+
+# Values popsync formats itself as several lines (tracebacks): LF and TAB are kept there.
+_MULTILINE_KEYS = frozenset({"exception", "stack"})
 
 # Loggers that chatter at INFO on every job run; they are held at WARNING unless DEBUG, and
 # even then at INFO (one "Running job" line per account run) unless scheduler_debug is set:
@@ -102,13 +110,14 @@ def _scrub_text(text: str) -> str:
     return text
 
 
-def _redact_value(value: object) -> object:
+def _redact_value(value: object, multiline: bool = False) -> object:
     """Redact a value recursively; containers are copied, never mutated."""
     if isinstance(value, str):
-        return _scrub_text(value)
+        return escape_controls(scrub(_scrub_text(value)), keep_newlines=multiline)
     if isinstance(value, bytes):
-        scrubbed = _scrub_text(value.decode("latin-1"))
-        return scrubbed.encode("latin-1")
+        # Shown as its repr by every renderer, which escapes control bytes already.
+        scrubbed = scrub(_scrub_text(value.decode("latin-1")))
+        return scrubbed.encode("latin-1", "replace")
     if isinstance(value, Mapping):
         return {
             key: REDACTED if _is_secret_key(key) else _redact_value(item)
@@ -120,9 +129,11 @@ def _redact_value(value: object) -> object:
 
 
 def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """structlog processor: hide secret-named keys and PASS/AUTH-looking text, nested too."""
+    """structlog processor: hide secrets (by key, by PASS/AUTH shape, by value), escape controls."""
     for key, value in event_dict.items():
-        event_dict[key] = REDACTED if _is_secret_key(key) else _redact_value(value)
+        event_dict[key] = (
+            REDACTED if _is_secret_key(key) else _redact_value(value, key in _MULTILINE_KEYS)
+        )
     return event_dict
 
 
@@ -202,8 +213,13 @@ def _renderer(rendering: LogFormat, stream: TextIO) -> list[Processor]:
         return [structlog.processors.format_exc_info, redact_secrets, journal_renderer]
     if rendering == "console":
         colors = bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
-        # ConsoleRenderer formats exc_info itself (prettily, with rich when installed).
-        return [redact_secrets, structlog.dev.ConsoleRenderer(colors=colors)]
+        # Tracebacks are formatted before redaction (not by the renderer, prettily with
+        # rich), so an exception message quoting the server is escaped like the rest.
+        return [
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            structlog.dev.ConsoleRenderer(colors=colors),
+        ]
     return [
         structlog.processors.format_exc_info,
         redact_secrets,

@@ -2,37 +2,56 @@
 
 Secrets are read per run (not at start-up) so that rotated files and short-lived OAuth tokens
 work. Every error names the account and the source; none ever contains the secret, and a failing
-`password_command` reports its stderr but never its stdout.
+`password_command` reports its stderr but never its stdout. Nor does an error show the value of
+`password_env`: a password put there by mistake would end up in the log.
+
+`password_command` runs with a minimal environment (`COMMAND_ENV`, plus `POPSYNC_ACCOUNT` and
+`POPSYNC_USER`), never popsync's own: that may hold other accounts' `password_env` secrets. Its
+output is read up to `MAX_SECRET_BYTES`, like a password file; more is refused.
 """
 
 from __future__ import annotations
 
 import os
+import selectors
 import shlex
 import shutil
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from popsync.config import Account
 from popsync.errors import SecretError
+from popsync.textsafe import escape_controls
 
-__all__ = ["COMMAND_TIMEOUT", "MAX_SECRET_BYTES", "check_secret_source", "resolve_secret"]
+__all__ = [
+    "COMMAND_ENV",
+    "COMMAND_TIMEOUT",
+    "MAX_SECRET_BYTES",
+    "check_secret_source",
+    "command_env",
+    "resolve_secret",
+]
 
 #: Seconds a password_command may run before it is killed.
 COMMAND_TIMEOUT = 30.0
 #: Larger secret files are refused: a token is a few kB, a mistaken path may be gigabytes.
 MAX_SECRET_BYTES = 1 << 20
 _STDERR_TAIL = 400
+#: Variables password_command inherits from popsync's environment: where programs, the home
+#: directory and the locale are, and where the user's keyring and agents listen (secret-tool
+#: finds them there). Nothing that holds a secret.
+COMMAND_ENV = ("PATH", "HOME", "LANG", "XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")
 
 
 def resolve_secret(account: Account, *, env: Mapping[str, str] | None = None) -> str:
     """Return the account's password or token; raise `SecretError` if it cannot be obtained.
 
-    `env` replaces `os.environ` for password_env, $CREDENTIALS_DIRECTORY and the environment of
-    password_command.
+    `env` replaces `os.environ` for password_env, $CREDENTIALS_DIRECTORY and what
+    password_command inherits (see `command_env`).
     """
     if account.password is not None:
         return account.password.get_secret_value()
@@ -41,7 +60,8 @@ def resolve_secret(account: Account, *, env: Mapping[str, str] | None = None) ->
     if account.password_env is not None:
         return _from_env(account.name, account.password_env, os.environ if env is None else env)
     if account.password_command is not None:
-        return _from_command(account.name, account.password_command, env)
+        command_environment = command_env(account.name, account.username, env)
+        return _from_command(account.name, account.password_command, command_environment)
     raise SecretError([f"accounts.{account.name}: no password source configured"])
 
 
@@ -87,11 +107,13 @@ def _fail(name: str, key: str, message: str) -> SecretError:
 
 
 def _from_env(name: str, variable: str, env: Mapping[str, str]) -> str:
+    # The name is not shown: if it is a password put in password_env by mistake, this
+    # message would carry it into the log (and the SIGHUP reload log) for everyone to read.
     value = env.get(variable)
     if value is None:
-        raise _fail(name, "password_env", f"environment variable {variable} is not set")
+        raise _fail(name, "password_env", "the environment variable it names is not set")
     if not value:
-        raise _fail(name, "password_env", f"environment variable {variable} is empty")
+        raise _fail(name, "password_env", "the environment variable it names is empty")
     return value
 
 
@@ -148,28 +170,77 @@ def _decode(name: str, key: str, data: bytes, what: str) -> str:
         raise _fail(name, key, f"{what} is not valid UTF-8") from None
 
 
-def _from_command(name: str, command: str, env: Mapping[str, str] | None) -> str:
+def command_env(name: str, username: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of account ``name``'s password_command (see `COMMAND_ENV`)."""
+    source = os.environ if env is None else env
+    kept = {key: source[key] for key in COMMAND_ENV if source.get(key)}
+    kept.setdefault("PATH", os.defpath)
+    kept["POPSYNC_ACCOUNT"] = name
+    kept["POPSYNC_USER"] = username
+    return kept
+
+
+class _TooMuchOutput(Exception):
+    """password_command printed more than MAX_SECRET_BYTES."""
+
+
+def _run_capped(argv: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
+    """Run ``argv``; return (status, stdout, stderr tail); stdout capped, whole run timed."""
+    # No shell: the command line is split like a shell would, but nothing is expanded.
+    proc = subprocess.Popen(  # noqa: S603
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    out, err = bytearray(), bytearray()
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ, out)
+            selector.register(proc.stderr, selectors.EVENT_READ, err)
+            while selector.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise subprocess.TimeoutExpired(argv, COMMAND_TIMEOUT)
+                for key, _ in selector.select(remaining):
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                        continue
+                    buffer: bytearray = key.data
+                    buffer += chunk
+                    if buffer is out and len(out) > MAX_SECRET_BYTES:
+                        raise _TooMuchOutput
+                    if buffer is err and len(err) > 4 * _STDERR_TAIL:
+                        del err[: -2 * _STDERR_TAIL]
+        status = proc.wait(max(0.0, deadline - time.monotonic()))
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    return status, bytes(out), bytes(err)
+
+
+def _from_command(name: str, command: str, env: dict[str, str]) -> str:
     argv = shlex.split(command)
     what = f"command {argv[0]!r}" if argv else "command"
     try:
-        # No shell: the command line is split like a shell would, but nothing is expanded.
-        result = subprocess.run(  # noqa: S603
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=COMMAND_TIMEOUT,
-            env=None if env is None else dict(env),
-            check=False,
-        )
+        status, stdout, stderr = _run_capped(argv, env)
     except subprocess.TimeoutExpired:
         message = f"{what} timed out after {COMMAND_TIMEOUT:g}s"
         raise _fail(name, "password_command", message) from None
+    except _TooMuchOutput:
+        message = f"{what} printed more than {MAX_SECRET_BYTES} bytes; killed it"
+        raise _fail(name, "password_command", message) from None
     except OSError as exc:
         raise _fail(name, "password_command", f"cannot run {what}: {exc.strerror}") from None
-    if result.returncode != 0:
-        message = f"{what} {_status(result.returncode)}{_stderr_tail(result.stderr)}"
+    if status != 0:
+        message = f"{what} {_status(status)}{_stderr_tail(stderr)}"
         raise _fail(name, "password_command", message)
-    first_line = result.stdout.split(b"\n", 1)[0].removesuffix(b"\r")
+    first_line = stdout.split(b"\n", 1)[0].removesuffix(b"\r")
     secret = _decode(name, "password_command", first_line, f"output of {what}")
     if not secret:
         raise _fail(name, "password_command", f"{what} printed nothing on its first line")
@@ -191,4 +262,5 @@ def _stderr_tail(stderr: bytes) -> str:
         return ""
     if len(text) > _STDERR_TAIL:
         text = "..." + text[-_STDERR_TAIL:]
-    return ": " + " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    lines = " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    return ": " + escape_controls(lines)

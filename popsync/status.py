@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from popsync.textsafe import safe_text
+
 if TYPE_CHECKING:
     from popsync.config import Config
     from popsync.seen import SeenStore
@@ -77,7 +79,8 @@ def collect_status(config: Config, store: SeenStore) -> list[AccountStatus]:
                 deleted=sum(1 for e in entries if e.deleted_at is not None),
                 last_fetched=0 if run is None else run.fetched,
                 failures=0 if run is None else run.consecutive_failures,
-                error=None if run is None else run.error,
+                # Stored errors quote the server; older popsync stored them raw.
+                error=None if run is None or run.error is None else safe_text(run.error),
             )
         )
     return rows

@@ -45,6 +45,8 @@ from popsync.listing import Listing, SeenView
 from popsync.maildir import Maildir, MessageMissing, TmpMessage, sanitize_host
 from popsync.plan import Plan, Policy, plan_sync
 from popsync.pop3 import errors as pop3_errors
+from popsync.pop3.sasl import credential_forms
+from popsync.textsafe import add_secrets, safe_text, scrub_scope
 from popsync.units import human_bytes
 
 if TYPE_CHECKING:
@@ -163,6 +165,9 @@ def classify_error(exc: BaseException, *, during_login: bool = False) -> ExitCod
         if isinstance(exc, pop3_errors.AuthFailed | pop3_errors.PermFailure) or during_login:
             return ExitCode.AUTH
         return ExitCode.PROTOCOL
+    # A server that failed SCRAM's proof of its identity: an authentication failure.
+    if isinstance(exc, pop3_errors.SaslAuthError):
+        return ExitCode.AUTH
     # Malformed bytes, a message larger than its LIST size said, a refused plaintext login.
     if isinstance(exc, pop3_errors.Pop3Error):
         return ExitCode.PROTOCOL
@@ -635,10 +640,11 @@ def _delete(
         # still listed next time is planned for deletion again.
         for msgnum, exc in client.dele_many([n for n, _ in targets], keep_going=True):
             refused.add(msgnum)
+            error = safe_text(str(exc))
             structlog.get_logger("popsync.sync").warning(
-                "server refused a DELE", account=account.name, msgnum=msgnum, error=str(exc)
+                "server refused a DELE", account=account.name, msgnum=msgnum, error=error
             )
-            result.warnings.append(f"server refused DELE {msgnum}: {exc}")
+            result.warnings.append(f"server refused DELE {msgnum}: {error}")
     client.quit()
     deleted = [uidl for msgnum, uidl in targets if msgnum not in refused]
     if deleted:
@@ -646,6 +652,7 @@ def _delete(
         result.deleted = len(deleted)
 
 
+@scrub_scope
 def sync_account(
     account: Account,
     store: SeenStore,
@@ -660,7 +667,11 @@ def sync_account(
 
     ``on_activity`` is called whenever data arrives from the server: the daemon tells a
     stuck run from a slow one by it.
+
+    Whatever the server says is shown only through :func:`popsync.textsafe.safe_text`, with
+    the account's secret, in every form it is sent, scrubbed for the rest of the run.
     """
+    from popsync.config import CLEARTEXT_AUTH
     from popsync.secrets import resolve_secret
 
     log = structlog.get_logger("popsync.sync").bind(account=account.name, host=account.host)
@@ -680,6 +691,16 @@ def sync_account(
                 log.info("removed tmp/ debris of an interrupted run", count=len(debris))
             maildir.cleanup_tmp(())
             secret = (secret_resolver or resolve_secret)(account)
+            add_secrets(
+                credential_forms(account.username, secret, host=account.host, port=account.port)
+            )
+            if account.tls == "none" and account.auth in CLEARTEXT_AUTH:
+                log.warning(
+                    "sending the password unencrypted",
+                    auth=account.auth,
+                    detail='tls = "none" with an auth that reveals the password: anyone on '
+                    "the network path can read it",
+                )
             during_login = True
             client = _connect(account, secret, on_activity)
             during_login = False
@@ -733,12 +754,11 @@ def _fail(result: RunResult, exc: Exception, during_login: bool) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The error as one safe line: it may quote the server (escaped, capped, scrubbed)."""
     text = str(exc).strip().replace("\n", "; ") or type(exc).__name__
-    return (
-        text
-        if isinstance(exc, PopsyncError | pop3_errors.Pop3Error)
-        else (f"{type(exc).__name__}: {text}")
-    )
+    if not isinstance(exc, PopsyncError | pop3_errors.Pop3Error):
+        text = f"{type(exc).__name__}: {text}"
+    return safe_text(text)
 
 
 def _log_result(log: structlog.typing.FilteringBoundLogger, result: RunResult) -> None:

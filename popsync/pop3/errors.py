@@ -21,6 +21,7 @@ __all__ = [
     "PermFailure",
     "Pop3Error",
     "RemoteProtocolError",
+    "SaslAuthError",
     "ServerError",
     "TempFailure",
     "Utf8Required",
@@ -38,6 +39,15 @@ class LocalProtocolError(Pop3Error):
 
 class RemoteProtocolError(Pop3Error):
     """The server sent something that is not valid POP3; drop the connection."""
+
+
+class SaslAuthError(RemoteProtocolError):
+    """A SASL exchange failed the client's own checks; the server is not who it claims.
+
+    The SCRAM server signature was missing or wrong, the server reported a SCRAM error, or
+    it asked for too weak a key derivation. Like any remote protocol error the session is
+    dropped, but it counts as an authentication failure (exit code 77), not a protocol one.
+    """
 
 
 class ServerError(Pop3Error):

@@ -3,7 +3,10 @@
 A mechanism turns server challenges into client responses; the driver does the base64
 and the I/O. ``initial()`` gives the optional initial response (sent on the AUTH line
 itself, RFC 4954 style, when it fits in 255 octets), ``step(challenge)`` answers each
-``+`` continuation. No sockets, no clock; the SCRAM nonce may be injected for tests.
+``+`` continuation, and ``succeeded()`` checks the server's ``+OK`` (SCRAM accepts it only
+after the server proved it knows the password). Every mechanism answers a fixed, small
+number of challenges and refuses more, so a server cannot make popsync send a credential
+over and over. No sockets, no clock; the SCRAM nonce may be injected for tests.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import hmac
 import secrets
 from typing import Protocol
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError, SaslAuthError
 
 __all__ = [
     "MAX_SCRAM_ITERATIONS",
     "MECHANISMS",
+    "MIN_SCRAM_ITERATIONS",
+    "REVEALING",
     "SASL_PREFERENCE",
     "CramMd5",
     "Login",
@@ -28,6 +33,7 @@ __all__ = [
     "ScramSha256",
     "XOAuth2",
     "apop_digest",
+    "credential_forms",
     "make_mechanism",
 ]
 
@@ -43,6 +49,10 @@ class Mechanism(Protocol):
 
     def step(self, challenge: bytes) -> bytes:
         """Answer one decoded server challenge with the raw (not yet base64) response."""
+        ...
+
+    def succeeded(self) -> None:
+        """The server said ``+OK``; raise :class:`SaslAuthError` if that is not enough."""
         ...
 
 
@@ -63,13 +73,21 @@ class Plain:
 
     def __init__(self, user: str, secret: str, authzid: str = "") -> None:
         self._message = b"\0".join((_utf8(authzid), _utf8(user), _utf8(secret)))
+        self._answered = False
 
     def initial(self) -> bytes | None:
         return self._message
 
     def step(self, challenge: bytes) -> bytes:
-        # Servers that ignore the initial response send an empty challenge.
+        # Servers that ignore the initial response send an empty challenge; one such
+        # repeat is fine, a second would only serve to collect the password again.
+        if self._answered:
+            raise RemoteProtocolError("PLAIN: server asked for the credentials again")
+        self._answered = True
         return self._message
+
+    def succeeded(self) -> None:
+        pass
 
 
 class Login:
@@ -88,6 +106,9 @@ class Login:
             raise RemoteProtocolError("server sent more LOGIN challenges than user and password")
         return self._answers.pop(0)
 
+    def succeeded(self) -> None:
+        pass
+
 
 class CramMd5:
     """CRAM-MD5 (RFC 2195): the user name and the HMAC-MD5 of the challenge."""
@@ -97,13 +118,21 @@ class CramMd5:
     def __init__(self, user: str, secret: str) -> None:
         self._user = _utf8(user)
         self._secret = _utf8(secret)
+        self._answered = False
 
     def initial(self) -> bytes | None:
         return None
 
     def step(self, challenge: bytes) -> bytes:
+        # Each answer is a keyed hash an attacker could try to crack offline: give one.
+        if self._answered:
+            raise RemoteProtocolError("CRAM-MD5: server sent a second challenge")
+        self._answered = True
         digest = hmac.new(self._secret, challenge, hashlib.md5).hexdigest()
         return self._user + b" " + digest.encode("ascii")
+
+    def succeeded(self) -> None:
+        pass
 
 
 class XOAuth2:
@@ -121,6 +150,7 @@ class XOAuth2:
         self._message = b"user=" + _utf8(user) + b"\x01auth=Bearer " + _utf8(token) + b"\x01\x01"
         self._two_step = two_step
         self._sent = not two_step
+        self._acknowledged = False
 
     def initial(self) -> bytes | None:
         return None if self._two_step else self._message
@@ -129,7 +159,13 @@ class XOAuth2:
         if not self._sent:
             self._sent = True
             return self._message
+        if self._acknowledged:
+            raise RemoteProtocolError("XOAUTH2: server sent more than one error challenge")
+        self._acknowledged = True
         return b""  # the challenge was the error report
+
+    def succeeded(self) -> None:
+        pass
 
 
 class OAuthBearer:
@@ -145,18 +181,28 @@ class OAuthBearer:
             fields.append(b"port=" + str(port).encode("ascii"))
         fields.append(b"auth=Bearer " + _utf8(token))
         self._message = b"\x01".join(fields) + b"\x01\x01"
+        self._acknowledged = False
 
     def initial(self) -> bytes | None:
         return self._message
 
     def step(self, challenge: bytes) -> bytes:
         # RFC 7628 3.2.3: after an error challenge the client sends a lone %x01.
+        if self._acknowledged:
+            raise RemoteProtocolError("OAUTHBEARER: server sent more than one error challenge")
+        self._acknowledged = True
         return b"\x01"
+
+    def succeeded(self) -> None:
+        pass
 
 
 #: A hostile server could name a huge iteration count to make the client spin; real servers
 #: use 4096 to a few hundred thousand.
 MAX_SCRAM_ITERATIONS = 1_000_000
+#: RFC 7677 section 4: at least 4096. Fewer would make the proof popsync sends cheap to
+#: crack offline, which is exactly what an impostor asking for ``i=1`` hopes for.
+MIN_SCRAM_ITERATIONS = 4096
 
 
 def _scram_name(user: str) -> bytes:
@@ -183,17 +229,28 @@ class ScramSha256:
             return self._client_final(challenge)
         if self._done:
             raise RemoteProtocolError("SCRAM: unexpected extra challenge")
-        self._done = True
         fields = _scram_fields(challenge)
         if "e" in fields:
-            raise RemoteProtocolError(f"SCRAM: server reports error {fields['e']!r}")
+            # The server's own error names what it disliked; server text, so kept short.
+            raise SaslAuthError(f"SCRAM: server reports error {fields['e'][:60]!r}")
+        if "v" not in fields:
+            raise SaslAuthError("SCRAM: server final message has no signature (v=)")
         try:
-            signature = base64.b64decode(fields.get("v", ""), validate=True)
+            signature = base64.b64decode(fields["v"], validate=True)
         except ValueError:
-            raise RemoteProtocolError("SCRAM: server signature is not base64") from None
+            raise SaslAuthError("SCRAM: server signature is not base64") from None
         if not hmac.compare_digest(signature, self._server_signature):
-            raise RemoteProtocolError("SCRAM: server signature does not match")
+            raise SaslAuthError("SCRAM: server signature does not match (an impostor?)")
+        self._done = True
         return b""
+
+    def succeeded(self) -> None:
+        # RFC 5802 section 5: success without a verified v= is an authentication failure.
+        if not self._done:
+            raise SaslAuthError(
+                "SCRAM: server accepted the login without proving it knows the password "
+                "(no server signature); not trusting it"
+            )
 
     def _client_final(self, server_first: bytes) -> bytes:
         fields = _scram_fields(server_first)
@@ -203,8 +260,15 @@ class ScramSha256:
             wire_nonce = nonce.encode("ascii")  # a non-ASCII nonce is a server error
         except (KeyError, ValueError) as exc:
             raise RemoteProtocolError(f"SCRAM: malformed server-first message: {exc}") from None
-        if not nonce.startswith(self._nonce) or not 1 <= iterations <= MAX_SCRAM_ITERATIONS:
-            raise RemoteProtocolError("SCRAM: server nonce or iteration count is invalid")
+        if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
+            raise RemoteProtocolError("SCRAM: server nonce is invalid")
+        if iterations < MIN_SCRAM_ITERATIONS:
+            raise SaslAuthError(
+                f"SCRAM: server asks for {iterations} iterations, fewer than the "
+                f"{MIN_SCRAM_ITERATIONS} RFC 7677 requires; not sending a proof"
+            )
+        if iterations > MAX_SCRAM_ITERATIONS:
+            raise RemoteProtocolError("SCRAM: server iteration count is invalid")
         salted = hashlib.pbkdf2_hmac("sha256", self._secret, salt, iterations)
         client_key = hmac.digest(salted, b"Client Key", "sha256")
         stored_key = hashlib.sha256(client_key).digest()
@@ -230,6 +294,32 @@ def _scram_fields(message: bytes) -> dict[str, str]:
 SASL_PREFERENCE = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN")
 
 MECHANISMS = frozenset({*SASL_PREFERENCE, "XOAUTH2", "OAUTHBEARER"})
+
+#: Mechanisms and login verbs that hand the server the secret itself (or a bearer token
+#: anyone may replay): over an unencrypted connection, everyone on the path learns it.
+REVEALING = frozenset({"USER", "RPOP", "PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"})
+
+
+def credential_forms(
+    user: str, secret: str, *, host: str = "", port: int | None = None
+) -> list[str]:
+    """Every form in which popsync may send ``secret``: as is, and base64 as SASL sends it.
+
+    Used to scrub a server's echo of what it was sent (``-ERR bad password hunter2``)
+    from anything popsync shows. Hashes (APOP, CRAM-MD5, SCRAM) do not reveal the secret
+    and are not listed.
+    """
+    raws = [
+        _utf8(secret),  # PASS, RPOP, the LOGIN password step
+        Plain(user, secret)._message,
+        XOAuth2(user, secret)._message,
+        OAuthBearer(user, secret, host, port)._message,
+    ]
+    forms = {secret}
+    for raw in raws:
+        encoded = base64.b64encode(raw).decode("ascii")
+        forms.update((encoded, encoded.rstrip("=")))
+    return sorted(forms, key=len, reverse=True)
 
 
 def make_mechanism(name: str, user: str, secret: str, **options: object) -> Mechanism:

@@ -206,8 +206,6 @@ def test_many_problems_reported_at_once() -> None:
         "accounts.home.password_env: conflicts with password_file: set only one of them",
         'accounts.home.tls: "none" sends everything unencrypted; set allow_plaintext = true '
         "to allow it",
-        'accounts.home.auth: "user" would reveal the password over tls = "none"; use tls = '
-        '"implicit" or "starttls", or auth = "apop", "cram-md5" or "scram-sha-256"',
         'accounts.home.delete_after_days: only allowed with delete = "after_days" '
         '(delete is "never")',
         "accounts.quick.interval: must be at least 10s (got 5s)",
@@ -243,6 +241,34 @@ def test_plaintext_allowed_with_challenge_response_auth() -> None:
     text = MINIMAL + 'tls = "none"\nallow_plaintext = true\nauth = "apop"\n'
     account = parse_config(text).accounts["work"]
     assert (account.tls, account.port, account.auth) == ("none", 110, "apop")
+
+
+@pytest.mark.parametrize("auth", ["user", "plain", "login", "xoauth2", "oauthbearer", "rpop"])
+def test_plaintext_allowed_with_explicit_revealing_auth(auth: str) -> None:
+    """tls = "none" with allow_plaintext and an explicit revealing mechanism is honoured."""
+    text = MINIMAL + f'tls = "none"\nallow_plaintext = true\nauth = "{auth}"\n'
+    account = parse_config(text).accounts["work"]
+    assert (account.tls, account.allow_plaintext, account.auth) == ("none", True, auth)
+
+
+def test_revealing_auth_over_none_still_needs_allow_plaintext() -> None:
+    """Without allow_plaintext, tls = "none" is refused whatever the mechanism."""
+    text = MINIMAL + 'tls = "none"\nauth = "user"\n'
+    assert problems_of(text) == [
+        'accounts.work.tls: "none" sends everything unencrypted; set allow_plaintext = true '
+        "to allow it"
+    ]
+
+
+def test_password_in_password_env_is_never_echoed() -> None:
+    """A password put in password_env by mistake does not appear in the config error."""
+    secret = "hunter2 with spaces!"
+    text = MINIMAL.replace('password_env = "POP_PW"', f'password_env = "{secret}"')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert secret not in str(info.value)
+    assert "hunter2" not in str(info.value)
+    assert str(info.value).startswith("accounts.work.password_env: not an environment variable")
 
 
 def test_same_mailbox_into_same_maildir_is_an_error() -> None:
@@ -314,7 +340,11 @@ def test_options_accept_friendly_spellings() -> None:
             'password_command = "pass \'open"',
             "password_command: cannot split into arguments: No closing quotation",
         ),
-        ('password_env = "1BAD"', "password_env: not an environment variable name (got '1BAD')"),
+        (
+            'password_env = "1BAD"',
+            "password_env: not an environment variable name (letters, digits and '_'; the value "
+            "is not shown in case it is a password put here by mistake)",
+        ),
         ('host = "pop example"', "host: not a host name (got 'pop example')"),
         (
             'max_message_size = "lots"',

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -145,12 +146,12 @@ def test_password_env() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({}, "accounts.work.password_env: environment variable POP_PW is not set"),
-        ({"POP_PW": ""}, "accounts.work.password_env: environment variable POP_PW is empty"),
+        ({}, "accounts.work.password_env: the environment variable it names is not set"),
+        ({"POP_PW": ""}, "accounts.work.password_env: the environment variable it names is empty"),
     ],
 )
 def test_password_env_missing(env: dict[str, str], message: str) -> None:
-    """An unset or empty variable is an error naming the variable."""
+    """An unset or empty variable is an error that does not repeat the name."""
     with pytest.raises(SecretError) as info:
         resolve_secret(make_account(password_env="POP_PW"), env=env)
     assert problems(info) == [message]
@@ -170,10 +171,55 @@ def test_password_command_is_not_run_by_a_shell(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_password_command_gets_the_given_environment() -> None:
-    """An explicit env mapping becomes the command's environment."""
-    command = python_command('import os; print(os.environ["TOKEN"])')
-    assert resolve_secret(make_account(password_command=command), env={"TOKEN": SECRET}) == SECRET
+def test_password_in_password_env_is_not_echoed() -> None:
+    """A password that happens to be a valid variable name is not shown when unset."""
+    with pytest.raises(SecretError) as info:
+        resolve_secret(make_account(password_env="Hunter2Secret"), env={})
+    assert "Hunter2Secret" not in str(info.value)
+
+
+def test_password_command_gets_a_minimal_environment() -> None:
+    """The command sees PATH, HOME, LANG and POPSYNC_*, never other accounts' secrets."""
+    command = python_command("import os, json; print(json.dumps(dict(os.environ)))")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/home/me",
+        "LANG": "C.UTF-8",
+        "OTHER_ACCOUNT_PW": SECRET,
+        "CREDENTIALS_DIRECTORY": "/run/credentials/popsync.service",
+    }
+    printed = resolve_secret(make_account(password_command=command), env=env)
+    seen = json.loads(printed)
+    seen.pop("LC_CTYPE", None)  # the interpreter itself may set it (PEP 538)
+    assert seen == {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/home/me",
+        "LANG": "C.UTF-8",
+        "POPSYNC_ACCOUNT": "work",
+        "POPSYNC_USER": "me",
+    }
+
+
+def test_password_command_inherits_not_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without an explicit env, popsync's own environment is filtered the same way."""
+    monkeypatch.setenv("WORK_PASSWORD", SECRET)
+    command = python_command('import os; print(os.environ.get("WORK_PASSWORD", "absent"))')
+    assert resolve_secret(make_account(password_command=command)) == "absent"
+
+
+def test_password_command_output_is_capped() -> None:
+    """A command printing more than MAX_SECRET_BYTES is killed and refused."""
+    code = "import sys; sys.stdout.write(\"x\" * (8 << 20))"
+    with pytest.raises(SecretError, match=r"printed more than 1048576 bytes; killed it$"):
+        resolve_secret(make_account(password_command=python_command(code)))
+
+
+def test_password_command_output_up_to_the_cap_is_read() -> None:
+    """Output of exactly MAX_SECRET_BYTES is still accepted (first line is the secret)."""
+    code = f"import sys; sys.stdout.write(\"{SECRET}\\n\" + \"x\" * ((1 << 20) - 20))"
+    assert resolve_secret(make_account(password_command=python_command(code))) == SECRET
 
 
 def test_password_command_failure_shows_stderr_not_stdout() -> None:
