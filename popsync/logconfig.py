@@ -70,9 +70,6 @@ _SECRET_TEXT = (
     (re.compile(r"(?i)\b(Bearer|Basic)[ \t]+[A-Za-z0-9._~+/-]{8,}=*"), r"\1 " + REDACTED),
 )
 
-# Values popsync formats itself as several lines (tracebacks): LF and TAB are kept there.
-_MULTILINE_KEYS = frozenset({"exception", "stack"})
-
 # Loggers that chatter at INFO on every job run; they are held at WARNING unless DEBUG, and
 # even then at INFO (one "Running job" line per account run) unless scheduler_debug is set:
 # at DEBUG APScheduler logs every wake-up, i.e. every few seconds.
@@ -110,10 +107,14 @@ def _scrub_text(text: str) -> str:
     return text
 
 
-def _redact_value(value: object, multiline: bool = False) -> object:
-    """Redact a value recursively; containers are copied, never mutated."""
+def _redact_value(value: object) -> object:
+    """Redact a value recursively; containers are copied, never mutated.
+
+    Control characters are escaped except LF and TAB: tracebacks need them, and every
+    renderer deals with line breaks itself (JSON and journal lines escape them).
+    """
     if isinstance(value, str):
-        return escape_controls(scrub(_scrub_text(value)), keep_newlines=multiline)
+        return escape_controls(scrub(_scrub_text(value)), keep_newlines=True)
     if isinstance(value, bytes):
         # Shown as its repr by every renderer, which escapes control bytes already.
         scrubbed = scrub(_scrub_text(value.decode("latin-1")))
@@ -131,9 +132,7 @@ def _redact_value(value: object, multiline: bool = False) -> object:
 def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: hide secrets (by key, by PASS/AUTH shape, by value), escape controls."""
     for key, value in event_dict.items():
-        event_dict[key] = (
-            REDACTED if _is_secret_key(key) else _redact_value(value, key in _MULTILINE_KEYS)
-        )
+        event_dict[key] = REDACTED if _is_secret_key(key) else _redact_value(value)
     return event_dict
 
 

@@ -139,7 +139,8 @@ def _login_method(dovecot: Dovecot, user: MailUser) -> str:
         ("PLAIN", "PLAIN"),
         ("LOGIN", "LOGIN"),
         ("CRAM-MD5", "CRAM-MD5"),
-        ("auto", "CRAM-MD5"),
+        ("SCRAM-SHA-256", "SCRAM-SHA-256"),
+        ("auto", "SCRAM-SHA-256"),
     ],
 )
 def test_every_login_method(
@@ -155,7 +156,9 @@ def test_every_login_method(
     assert _login_method(dovecot, mail_user) == logged
 
 
-@pytest.mark.parametrize("mechanism", ["user", "apop", "PLAIN", "LOGIN", "CRAM-MD5"])
+@pytest.mark.parametrize(
+    "mechanism", ["user", "apop", "PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"]
+)
 def test_wrong_password_is_auth_failed(
     dovecot: Dovecot, mail_user: MailUser, ca_file: Path, mechanism: str
 ) -> None:

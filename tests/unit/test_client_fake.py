@@ -646,13 +646,21 @@ def test_capa_error_means_no_capabilities_and_apop_when_stamped(
 
 
 def test_auto_falls_back_to_user_pass(serve: list[FakePop3Server]) -> None:
-    """No SASL and no timestamp: auto uses USER/PASS."""
+    """No SASL and no timestamp over TLS: auto uses USER/PASS (never over clear text)."""
     server = start(
         serve,
-        [GREETING, Expect(b"CAPA", capa(b"USER")), Expect(b"USER bob", OK), Expect(b"PASS pw", OK)],
+        [
+            StartTLS(),
+            GREETING,
+            Expect(b"CAPA", capa(b"USER")),
+            Expect(b"USER bob", OK),
+            Expect(b"PASS pw", OK),
+        ],
     )
-    with plain(server) as client:
-        login_plain(client, "auto")
+    with Pop3Client.connect(
+        server.host, server.port, tls="implicit", context=server.client_context(), timeout=5
+    ) as client:
+        client.login("bob", "pw")
     server.check()
 
 

@@ -280,7 +280,8 @@ def test_redact_nested_dicts_and_lists_without_mutating_the_caller() -> None:
         ("AUTH XOAUTH2 dXNlcj1h", f"AUTH XOAUTH2 {REDACTED}"),
         ("APOP alice c4c9334bac560ecc979e58001b3e22fb", f"APOP alice {REDACTED}"),
         ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30", f"Authorization: Bearer {REDACTED}"),
-        ("sent PASS x\r\nthen STAT", f"sent PASS {REDACTED}\r\nthen STAT"),
+        # CR is escaped (it would overwrite the line on a terminal); LF is each renderer's job.
+        ("sent PASS x\r\nthen STAT", f"sent PASS {REDACTED}\\x0d\nthen STAT"),
     ],
 )
 def test_redact_protocol_text(text: str, expected: str) -> None:
@@ -410,3 +411,35 @@ def test_scheduler_debug_shows_wakeups_but_never_the_heartbeat() -> None:
         "Looking for jobs to run",
         'Running job "sync work"',
     ]
+
+
+def test_console_escapes_server_control_sequences() -> None:
+    """ESC sequences in a value or a traceback never reach the console raw."""
+    out = io.StringIO()
+    configure_logging("console", "info", out)
+    hostile = "-ERR \x1b]0;pwned\x07\x1b[2J gone"
+    try:
+        raise RuntimeError(hostile)
+    except RuntimeError:
+        structlog.get_logger().exception("sync failed", error=hostile)
+    text = out.getvalue()
+    assert "\x1b]" not in text
+    assert "\x1b[2J" not in text
+    assert "\x07" not in text
+    assert "RuntimeError: -ERR \\x1b]0;pwned\\x07\\x1b[2J gone" in text  # the traceback
+    assert text.count("pwned") == 2  # and the field, escaped as well
+
+
+def test_running_accounts_secret_is_scrubbed_from_every_event() -> None:
+    """A secret registered by the running sync is removed from any logged text."""
+    from popsync.textsafe import add_secrets, scrubbing
+
+    out = io.StringIO()
+    configure_logging("json", "info", out)
+    with scrubbing():
+        add_secrets(["hunter2", "AGJvYgBodW50ZXIy"])
+        structlog.get_logger().warning("server said", detail="-ERR bad pw hunter2 AGJvYgBodW50ZXIy")
+    structlog.get_logger().warning("after the run", detail="hunter2")
+    first, after = _json_lines(out)
+    assert first["detail"] == f"-ERR bad pw {REDACTED} {REDACTED}"
+    assert after["detail"] == "hunter2"  # the scope ended with the run

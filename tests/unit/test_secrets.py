@@ -211,14 +211,14 @@ def test_password_command_inherits_not_the_process_environment(
 
 def test_password_command_output_is_capped() -> None:
     """A command printing more than MAX_SECRET_BYTES is killed and refused."""
-    code = "import sys; sys.stdout.write(\"x\" * (8 << 20))"
+    code = 'import sys; sys.stdout.write("x" * (8 << 20))'
     with pytest.raises(SecretError, match=r"printed more than 1048576 bytes; killed it$"):
         resolve_secret(make_account(password_command=python_command(code)))
 
 
 def test_password_command_output_up_to_the_cap_is_read() -> None:
     """Output of exactly MAX_SECRET_BYTES is still accepted (first line is the secret)."""
-    code = f"import sys; sys.stdout.write(\"{SECRET}\\n\" + \"x\" * ((1 << 20) - 20))"
+    code = f'import sys; sys.stdout.write("{SECRET}\\n" + "x" * ((1 << 20) - 20))'
     assert resolve_secret(make_account(password_command=python_command(code))) == SECRET
 
 
