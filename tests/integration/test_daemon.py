@@ -625,3 +625,32 @@ def test_apscheduler_logging_goes_through_the_json_pipeline(
     assert {"event", "level", "timestamp"} <= event.keys()
     assert daemon.stop()[0] == 0
     _assert_clean_log(daemon)
+
+
+def test_password_put_in_password_env_never_reaches_the_log(
+    dovecot: Dovecot, tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A password mistaken for a variable name stays out of reload errors, runs and status."""
+    alice, bob = dovecot.new_user(), dovecot.new_user()
+    config = _config(tmp_path, {"alice": _keys(dovecot, alice, tmp_path)})
+    daemon = start_daemon(config)
+    daemon.wait_for(synced("alice"))
+    invalid, valid = "Pa55 w0rd!" + secrets.token_hex(4), "Hunter2" + secrets.token_hex(6)
+    for mistaken, expected in (
+        (invalid, "config reload failed, keeping the old config"),
+        (valid, "config reloaded"),
+    ):
+        bob_keys = _keys(dovecot, bob, tmp_path, password_env=mistaken)
+        del bob_keys["password"]
+        _config(tmp_path, {"alice": _keys(dovecot, alice, tmp_path), "bob": bob_keys})
+        mark = daemon.mark()
+        daemon.send(signal.SIGHUP)
+        daemon.wait_for(ev(expected), after=mark)
+    failed = daemon.wait_for(ev("sync failed", account="bob"))
+    assert failed["outcome"] == "config"
+    assert daemon.stop()[0] == 0
+    status = run_popsync(["status", "--json", "-c", str(config)])
+    everything = "".join(daemon.raw) + daemon.stdout + status.stdout + status.stderr
+    assert invalid not in everything
+    assert valid not in everything
+    assert "password_env: the environment variable it names is not set" in everything
