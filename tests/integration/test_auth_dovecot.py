@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -70,7 +71,7 @@ def _login_methods(server: Dovecot, user: MailUser) -> list[str]:
     ]
 
 
-def _run(account: Account, store: SeenStore) -> tuple[RunResult, list[dict[str, object]]]:
+def _run(account: Account, store: SeenStore) -> tuple[RunResult, list[MutableMapping[str, Any]]]:
     with capture_logs() as logs:
         result = sync_account(account, store)
     return result, logs

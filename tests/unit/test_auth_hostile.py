@@ -371,7 +371,7 @@ def test_echoed_password_and_escapes_never_reach_result_log_or_status(
 def test_flood_of_server_text_is_capped(tmp_path: Path) -> None:
     """A 15 kB -ERR line (under the 16 KiB line limit) is cut short in the run result."""
     flood = b"-ERR [SYS/PERM] " + b"A" * 15_000 + b"\r\n"
-    script = [StartTLS(), GREETING, Expect(b"CAPA", capa(b"USER")), ExpectAny(flood)]
+    script: list[Step] = [StartTLS(), GREETING, Expect(b"CAPA", capa(b"USER")), ExpectAny(flood)]
     with (
         FakePop3Server(script, linger=1.0) as server,
         SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as store,
@@ -384,7 +384,7 @@ def test_flood_of_server_text_is_capped(tmp_path: Path) -> None:
 
 def test_explicit_revealing_auth_over_none_logs_in_with_one_warning(tmp_path: Path) -> None:
     """tls = none, allow_plaintext and auth = user: USER/PASS as asked, one warning per run."""
-    script = [
+    script: list[Step] = [
         GREETING,
         Expect(b"CAPA", capa(b"USER", b"SASL SCRAM-SHA-256")),
         Expect(b"USER me", OK),
