@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,31 @@ def _log_lines(server: Dovecot, user: MailUser) -> list[str]:
     return [line for line in text.splitlines() if f"<{user.name}>" in line or user.name in line]
 
 
-def _login_methods(server: Dovecot, user: MailUser) -> list[str]:
-    """Every login method Dovecot logged for ``user``, oldest first."""
-    return [
-        line.split("method=", 1)[1].split(",", 1)[0]
-        for line in _log_lines(server, user)
-        if "Login: " in line and "method=" in line
-    ]
+def _login_methods(server: Dovecot, user: MailUser, count: int) -> list[str]:
+    """The login methods Dovecot logged for ``user``, oldest first, once ``count`` are there.
+
+    Dovecot's log process writes a line a moment after the login: wait for it (5 s at most).
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        methods = [
+            line.split("method=", 1)[1].split(",", 1)[0]
+            for line in _log_lines(server, user)
+            if "Login: " in line and "method=" in line
+        ]
+        if len(methods) >= count or time.monotonic() > deadline:
+            return methods
+        time.sleep(0.05)
+
+
+def _wait_for_line(server: Dovecot, user: MailUser, needle: str) -> bool:
+    """True once a log line about ``user`` contains ``needle`` (case-insensitive; 5 s)."""
+    deadline = time.monotonic() + 5
+    while not any(needle in line.lower() for line in _log_lines(server, user)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _run(account: Account, store: SeenStore) -> tuple[RunResult, list[MutableMapping[str, Any]]]:
@@ -85,7 +104,7 @@ def test_auto_over_clear_text_uses_scram(
     dovecot.deliver(mail_user, message)
     result, logs = _run(_account(dovecot, mail_user, tmp_path, **_clear_text(dovecot)), store)
     assert result.outcome == "ok", result.error
-    assert _login_methods(dovecot, mail_user) == ["SCRAM-SHA-256"]
+    assert _login_methods(dovecot, mail_user, 1) == ["SCRAM-SHA-256"]
     assert maildir_messages(tmp_path / "Maildir") == [message]
     assert not [e for e in logs if e["log_level"] == "warning"]
 
@@ -98,7 +117,7 @@ def test_scram_over_tls_is_verified_and_logged(
     dovecot.deliver(mail_user, message)
     result, _ = _run(_account(dovecot, mail_user, tmp_path, auth="scram-sha-256"), store)
     assert result.outcome == "ok", result.error
-    assert _login_methods(dovecot, mail_user) == ["SCRAM-SHA-256"]
+    assert _login_methods(dovecot, mail_user, 1) == ["SCRAM-SHA-256"]
     assert maildir_messages(tmp_path / "Maildir") == [message]
 
 
@@ -110,7 +129,7 @@ def test_scram_wrong_password_is_an_auth_failure(
     account = _account(dovecot, mail_user, tmp_path, auth="scram-sha-256", password="wrong")
     result, _ = _run(account, store)
     assert (result.outcome, result.exit_code) == ("auth", ExitCode.AUTH)
-    assert any("scram-sha-256" in line.lower() for line in _log_lines(dovecot, mail_user))
+    assert _wait_for_line(dovecot, mail_user, "scram-sha-256")
     assert maildir_messages(tmp_path / "Maildir") == []
 
 
@@ -120,11 +139,22 @@ def test_auto_over_clear_text_without_hiding_mechanism_sends_nothing(
     """Only PLAIN/LOGIN/USER offered: exit 78 with the fix named; Dovecot saw no login."""
     user = plain_only.new_user()
     plain_only.deliver(user, make_message(4))
+
+    def unauthenticated() -> int:
+        text = plain_only.log_file.read_text(errors="replace")
+        return text.count("no auth attempts")
+
+    before = unauthenticated()
     result, _ = _run(_account(plain_only, user, tmp_path, **_clear_text(plain_only)), store)
     assert (result.outcome, result.exit_code) == ("config", ExitCode.CONFIG)
     assert result.error is not None
     assert 'set auth = "user" together with allow_plaintext = true' in result.error
-    assert _log_lines(plain_only, user) == []  # not even a failed attempt names the user
+    # Dovecot logs our connection as one without any auth attempt; nothing names the user.
+    deadline = time.monotonic() + 5
+    while unauthenticated() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert unauthenticated() > before
+    assert _log_lines(plain_only, user) == []
     assert maildir_messages(tmp_path / "Maildir") == []
 
 
@@ -141,7 +171,10 @@ def test_explicit_user_over_clear_text_logs_in_with_one_warning(
         assert result.outcome == "ok", result.error
         warnings = [e for e in logs if e["log_level"] == "warning"]
         assert [e["event"] for e in warnings] == ["sending the password unencrypted"]
-    assert _login_methods(plain_only, user) == ["PLAIN", "PLAIN"]  # USER/PASS, as Dovecot logs it
+    assert _login_methods(plain_only, user, 2) == [
+        "PLAIN",
+        "PLAIN",
+    ]  # USER/PASS, as Dovecot logs it
     assert maildir_messages(tmp_path / "Maildir") == [message]
 
 

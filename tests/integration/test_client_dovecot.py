@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -121,12 +122,20 @@ def test_hostname_mismatch_is_a_certificate_error(dovecot: Dovecot, ca_file: Pat
 
 
 def _login_method(dovecot: Dovecot, user: MailUser) -> str:
-    """The method Dovecot logged for the user's most recent login."""
-    lines = [
-        line
-        for line in dovecot.log_file.read_text(errors="replace").splitlines()
-        if f"user=<{user.name}>" in line and "method=" in line
-    ]
+    """The method Dovecot logged for the user's most recent login.
+
+    Dovecot's log process writes the line a moment after the login: wait for it.
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [
+            line
+            for line in dovecot.log_file.read_text(errors="replace").splitlines()
+            if f"user=<{user.name}>" in line and "method=" in line
+        ]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert lines, "dovecot logged no login"
     return lines[-1].split("method=", 1)[1].split(",", 1)[0]
 
