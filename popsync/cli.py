@@ -413,9 +413,14 @@ def _one_account(config: Config, name: str) -> Account:
 
 
 def _secret(account: Account) -> str:
+    """The account's secret; from now on scrubbed, in every form it is sent, from output."""
+    from popsync.pop3.sasl import credential_forms
     from popsync.secrets import resolve_secret
+    from popsync.textsafe import add_secrets
 
-    return resolve_secret(account)
+    secret = resolve_secret(account)
+    add_secrets(credential_forms(account.username, secret, host=account.host, port=account.port))
+    return secret
 
 
 def _test(args: argparse.Namespace) -> ExitCode:
@@ -455,7 +460,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _test_one(account: Account, steps: list[str]) -> None:
     """Log in step by step, printing each; ``steps`` says how far it got when it fails."""
-    from popsync.session import open_session
+    from popsync.session import clean_text, open_session
 
     def report(step: str, text: str) -> None:
         steps.append(step)
@@ -465,7 +470,7 @@ def _test_one(account: Account, steps: list[str]) -> None:
     client = open_session(account, secret, report=report)
     try:
         report("logged in", "ok")
-        report("capabilities now", " ".join(sorted(client.capabilities())))
+        report("capabilities now", clean_text(" ".join(sorted(client.capabilities())), 400))
         count, size = client.stat()
         report("stat", f"{count} message(s), {size} bytes")
         client.quit()

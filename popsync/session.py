@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from popsync import net
 from popsync.client import Pop3Client, StartTlsUnavailable
 from popsync.errors import CertificateError, ConfigError, TlsError
+from popsync.textsafe import scrub
 
 if TYPE_CHECKING:
     from popsync.config import Account
@@ -50,9 +51,14 @@ Report = Callable[[str, str], None]
 
 
 def clean_text(text: str | bytes, limit: int = 200) -> str:
-    """Server-sent text made safe to print: control characters escaped, length bounded."""
+    """Server-sent text made safe to print: secrets scrubbed, controls escaped, length bounded.
+
+    The running account's secret is scrubbed (:mod:`popsync.textsafe`) before anything is
+    cut, so a cut can never leave part of it behind.
+    """
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
+    text = scrub(text)
     shown = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text[: limit * 2])
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
@@ -131,7 +137,7 @@ def _caps(caps: dict[str, tuple[str, ...]]) -> str:
 
 def _sasl(caps: dict[str, tuple[str, ...]]) -> str:
     offered = caps.get("SASL", ())
-    return f" (server offers SASL {' '.join(offered)})" if offered else ""
+    return f" (server offers SASL {clean_text(' '.join(offered))})" if offered else ""
 
 
 def _connect(

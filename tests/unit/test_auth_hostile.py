@@ -405,3 +405,41 @@ def test_explicit_revealing_auth_over_none_logs_in_with_one_warning(tmp_path: Pa
     assert result.outcome == "ok", result.error
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert [e["event"] for e in warnings] == ["sending the password unencrypted"]
+
+
+def test_popsync_test_never_prints_an_echoed_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`popsync test` shows the server's refusal escaped and without the password."""
+    from popsync.cli import main
+
+    script: list[Step] = [
+        StartTLS(),
+        GREETING,
+        Expect(b"CAPA", capa(b"USER", b"SASL PLAIN \x1b[2J")),
+        Expect(b"USER me", OK),
+        ExpectAny(HOSTILE_ERR),
+    ]
+    with FakePop3Server(script, linger=1.0) as server:
+        keys: dict[str, str | int | bool] = {
+            "host": server.host,
+            "port": server.port,
+            "tls": "implicit",
+            "tls_ca_file": str(server.ca_file),
+            "username": "me",
+            "password": PASSWORD,
+            "auth": "user",
+            "maildir": str(tmp_path / "Maildir"),
+            "timeout": "2s",
+        }
+        config = tmp_path / "popsync.toml"
+        config.write_text(toml_config(tmp_path / "state", {"acct": keys}))
+        config.chmod(0o600)
+        code = main(["test", "acct", "-c", str(config)])
+    out = capsys.readouterr()
+    shown = out.out + out.err
+    assert code == ExitCode.AUTH, shown
+    assert "wrong password [redacted]" in shown
+    assert PASSWORD not in shown
+    assert b64(b"\0me\0" + PASSWORD.encode()).decode() not in shown
+    assert "\x1b" not in shown
