@@ -273,6 +273,9 @@ def popsync_config(
             f"port = {srv.port}",
             'tls = "none"',
             "allow_plaintext = true",
+            # USER/PASS like mpop ("auth user") and fetchmail: over clear text "auto" would
+            # use SCRAM-SHA-256 (one more round trip and PBKDF2 on both sides).
+            'auth = "user"',
             f'username = "{srv.username}"',
             f'password = "{srv.password}"',
             f'maildir = "{maildir}"',

@@ -231,7 +231,7 @@ def test_check_config_reports_everything_in_one_round(
         "  accounts.a.prot: unknown key; did you mean 'port'?",
         f"  accounts.a.password_file: cannot read {tmp_path / 'missing.pw'}: No such file or "
         "directory",
-        "  accounts.b.password_env: environment variable POPSYNC_UNSET_PW is not set",
+        "  accounts.b.password_env: the environment variable it names is not set",
         "  accounts.c.password_command: 'no-such-program-xyz' not found in $PATH",
         f"  accounts.c.tls_ca_file: {tmp_path / 'ca.pem'} does not exist",
         f"  accounts.c.maildir: parent directory {tmp_path / 'no' / 'parent'} does not exist "
