@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import threading
 
-__all__ = ["BigBox", "message", "uidl"]
+__all__ = ["BigBox", "main", "message", "uidl"]
 
 _CAPA = b"+OK\r\nUSER\r\nUIDL\r\nTOP\r\nPIPELINING\r\nRESP-CODES\r\n.\r\n"
 
@@ -112,3 +113,14 @@ class BigBox:
         if verb == b"DELE":
             return b"-ERR this mailbox is read-only\r\n"
         return b"-ERR unknown command\r\n"
+
+
+def main() -> None:
+    """``python -m bench.bigbox COUNT``: print the port, serve until stdin closes."""
+    with BigBox(int(sys.argv[1])) as box:
+        print(box.port, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
