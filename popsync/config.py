@@ -41,10 +41,12 @@ __all__ = [
     "Config",
     "DeletePolicy",
     "FirstRun",
+    "LineEndings",
     "LogFormat",
     "LogLevel",
     "Pipelining",
     "TlsMode",
+    "TraceHeader",
     "default_state_dir",
     "load_config",
     "parse_config",
@@ -69,6 +71,8 @@ FirstRun = Literal["fetch", "mark_seen"]
 Pipelining = Literal["auto", "on", "off"]
 LogFormat = Literal["auto", "json", "console", "journal"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LineEndings = Literal["lf", "crlf"]
+TraceHeader = Literal["received", "delivered-to", "x-popsync-uidl"]
 
 #: Exactly one of these supplies an account's password or token.
 SECRET_KEYS = ("password", "password_file", "password_command", "password_env")
@@ -156,7 +160,27 @@ def _fingerprint(value: object) -> str:
     return normalize_fingerprint(value)
 
 
+def _file_mode(value: object) -> object:
+    """A mode as an octal string ("0640", "640") or a TOML integer (0o640)."""
+    if isinstance(value, str):
+        if not re.fullmatch(r"0?[0-7]{3}", value.strip()):
+            raise ValueError(f'must be an octal mode such as "0640" (got {value!r})')
+        return int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= 0o777:
+        raise ValueError(f"must be a mode between 0000 and 0777 (got {value:o})")
+    return value
+
+
+def _lower(value: object) -> object:
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, list | tuple):
+        return [v.lower() if isinstance(v, str) else v for v in value]
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Mode = Annotated[int, BeforeValidator(_file_mode)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 AbsolutePath = Annotated[Path, BeforeValidator(_absolute_path)]
 SecretPath = Annotated[Path, BeforeValidator(_expand_path)]
@@ -199,6 +223,10 @@ class Account(BaseModel):
     password_env: str | None = None
     auth: AuthMechanism = "auto"
     maildir: AbsolutePath
+    line_endings: Annotated[LineEndings, BeforeValidator(_lower)] = "lf"
+    maildir_mode: Mode = 0o700
+    file_mode: Mode = 0o600
+    add_headers: Annotated[tuple[TraceHeader, ...], BeforeValidator(_lower)] = ()
     delete: DeletePolicy = "never"
     delete_after_days: Annotated[int, Field(ge=1)] | None = None
     max_message_size: Annotated[Size, Field(ge=0)] = 100_000_000
@@ -320,6 +348,12 @@ def _account_problems(account: Account) -> list[tuple[str, str]]:
                 "set only one of them",
             )
         )
+    if account.file_mode & 0o600 != 0o600:
+        problems.append(("file_mode", "must let the owner read and write (0600 at least)"))
+    if account.maildir_mode & 0o700 != 0o700:
+        problems.append(("maildir_mode", "must give the owner rwx (0700 at least)"))
+    if len(set(account.add_headers)) != len(account.add_headers):
+        problems.append(("add_headers", "lists a header twice"))
     if account.delete == "after_days" and account.delete_after_days is None:
         problems.append(("delete_after_days", 'required with delete = "after_days"'))
     if account.delete != "after_days" and account.delete_after_days is not None:

@@ -10,8 +10,23 @@ The engine follows the durability order in ARCHITECTURE.md with group commit::
 Names follow the maildir spec (https://cr.yp.to/proto/maildir.html) with Dovecot's fields::
 
     <seconds>.M<usec>P<pid>Q<counter>R<random hex>.<hostname>        (tmp/)
-    <unique>,S=<size>                                               (new/, after deliver())
-    <unique>,S=<size>:2,<flags>                                     (cur/, moved by a reader)
+    <unique>,S=<size>,W=<vsize>                                     (new/, after deliver())
+    <unique>,S=<size>,W=<vsize>:2,<flags>                           (cur/, moved by a reader)
+
+``S`` is the stored size and ``W`` Dovecot's "virtual" size, the size with every line end
+as CRLF (what IMAP RFC822.SIZE and POP3 LIST report), so Dovecot need not read the file to
+learn it.
+
+Line ends: POP3 sends CRLF, but every Unix mail store (Dovecot's own delivery, procmail,
+maildrop, mpop, getmail6) writes LF, and readers such as mutt show a stray ``^M`` otherwise.
+``line_endings="lf"`` (the default) turns each CRLF into LF while streaming (a CR not
+followed by LF is kept as it is); ``"crlf"`` keeps the wire form byte for byte.
+
+Modes: directories are created with ``dir_mode`` and files with ``file_mode`` (defaults
+0700 and 0600), and the kernel applies the process umask to both, as for any program. A
+Maildir another user must read (Dovecot's ``vmail``) therefore needs group bits in the
+modes *and* a umask that keeps them (``UMask=0027``), plus a setgid top directory owned by
+that group so new files inherit it (docs/deployment.md has the recipe).
 
 Why these names are unique even when the spec's assumptions break: time + PID is what the
 spec relies on, but a container restarts with the same PID and a clock can jump back, so two
@@ -38,7 +53,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +63,7 @@ from popsync.errors import LocalIOError
 
 __all__ = [
     "STALE_TMP_SECONDS",
+    "LineEndings",
     "Location",
     "Maildir",
     "MessageMissing",
@@ -55,9 +71,11 @@ __all__ = [
     "base_name",
     "new_unique_name",
     "sanitize_host",
+    "virtual_size",
 ]
 
 Location = Literal["tmp", "new", "cur"]
+LineEndings = Literal["lf", "crlf"]
 
 #: The maildir spec's rule: tmp/ files untouched for 36 hours are debris.
 STALE_TMP_SECONDS = 36 * 3600.0
@@ -68,6 +86,20 @@ _LOCAL_ERRNOS = frozenset(
 )
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
+
+
+def virtual_size(path: Path) -> int:
+    """A file's size with every bare LF counted as CRLF (Dovecot's W=), read in chunks."""
+    total = bare = 0
+    last_cr = False
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            total += len(chunk)
+            lfs = chunk.count(b"\n")
+            if lfs:
+                bare += lfs - chunk.count(b"\r\n") - (last_cr and chunk[0] == 0x0A)
+            last_cr = chunk[-1] == 0x0D
+    return total + bare
 
 
 class MessageMissing(FileNotFoundError):
@@ -154,10 +186,16 @@ class TmpMessage:
     def __init__(self, maildir: Maildir, name: str, fd: int) -> None:
         self.name = name
         self._dir = maildir.tmp
+        #: Octets stored so far (after any CRLF -> LF conversion): the ``S=`` size.
         self.size = 0
+        #: The size with every line end as CRLF: Dovecot's ``W=`` size.
+        self.vsize = 0
         self._fd: int | None = fd
         self._buffer = bytearray()
         self._finished = False
+        self._to_lf = maildir.line_endings == "lf"
+        self._held_cr = False  # a CR ending the last chunk: converted once the next byte is seen
+        self._last_cr = False  # the last stored octet was a CR (for W= across chunks)
 
     @property
     def path(self) -> Path:
@@ -170,18 +208,49 @@ class TmpMessage:
         return self._fd is None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Append bytes; flushes to the kernel every 64 KiB."""
+        """Append bytes (CRLF -> LF with ``line_endings="lf"``); flushes every 64 KiB."""
         if self._fd is None:
             raise ValueError(f"write to closed message {self.name}")
-        self._buffer += data
-        self.size += len(data)
+        taken = len(data)
+        if self._to_lf:
+            data = self._convert(data)
+        self._store(data)
         if len(self._buffer) >= _WRITE_BUFFER:
             self._flush()
-        return len(data)
+        return taken
+
+    def _convert(self, data: bytes | bytearray | memoryview) -> bytes:
+        """CRLF -> LF for one chunk; a CR at its end waits to see whether LF follows."""
+        chunk = bytes(data)
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._held_cr = True
+        return chunk.replace(b"\r\n", b"\n") if b"\r" in chunk else chunk
+
+    def _store(self, data: bytes | bytearray | memoryview) -> None:
+        self._buffer += data
+        self.size += len(data)
+
+    def _count_vsize(self) -> None:
+        """Add the buffer to W=: a LF without a CR before it counts two octets (Dovecot)."""
+        data = self._buffer
+        if not data:
+            return
+        bare = data.count(b"\n")
+        if bare:
+            bare -= data.count(b"\r\n")
+            if self._last_cr and data[0] == 0x0A:
+                bare -= 1
+        self.vsize += len(data) + bare
+        self._last_cr = data[-1] == 0x0D
 
     def _flush(self) -> None:
         """Write the buffer out; on failure delete the partial file and raise LocalIOError."""
         assert self._fd is not None
+        self._count_vsize()
         view = memoryview(self._buffer)
         try:
             while view:
@@ -199,6 +268,9 @@ class TmpMessage:
             return
         if self._fd is None:
             raise ValueError(f"message {self.name} was discarded")
+        if self._held_cr:  # the message ended in a lone CR: it stays
+            self._held_cr = False
+            self._store(b"\r")
         self._flush()
         fd = self._fd
         try:
@@ -239,16 +311,26 @@ class TmpMessage:
 class Maildir:
     """One Maildir (tmp/, new/, cur/), written by one account at a time."""
 
-    def __init__(self, path: Path, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        create: bool = True,
+        line_endings: LineEndings = "lf",
+        dir_mode: int = 0o700,
+        file_mode: int = 0o600,
+    ) -> None:
         self.path = Path(path)
         self.tmp = self.path / "tmp"
         self.new = self.path / "new"
         self.cur = self.path / "cur"
         self.hostname = os.uname().nodename
+        self.line_endings: LineEndings = line_endings
+        self.file_mode = file_mode
         if create:
             with _local_io("create Maildir"):
                 for sub in (self.path, self.tmp, self.new, self.cur):
-                    sub.mkdir(mode=0o700, exist_ok=True)
+                    sub.mkdir(mode=dir_mode, exist_ok=True)  # the umask applies
         for sub in (self.tmp, self.new, self.cur):
             if not sub.is_dir():
                 raise LocalIOError(f"not a Maildir: {sub} is missing")
@@ -257,12 +339,12 @@ class Maildir:
         return f"Maildir({str(self.path)!r})"
 
     def open_tmp(self) -> TmpMessage:
-        """Create a new empty file (mode 0600) in tmp/ with a fresh unique name."""
+        """Create a new empty file (``file_mode`` less the umask) in tmp/ with a fresh name."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         for _ in range(10):
             name = new_unique_name(self.hostname)
             try:
-                fd = os.open(os.path.join(self.tmp, name), flags, 0o600)
+                fd = os.open(os.path.join(self.tmp, name), flags, self.file_mode)
             except FileExistsError:  # the O_EXCL safety net; effectively unreachable
                 continue
             except OSError as exc:
@@ -270,8 +352,11 @@ class Maildir:
             return TmpMessage(self, name, fd)
         raise LocalIOError(f"cannot find a free name in {self.tmp}")
 
-    def deliver(self, names: Sequence[str]) -> list[str]:
-        """Move finished tmp files into new/ as `<name>,S=<size>`; fsync new/ and tmp/ once.
+    def deliver(self, names: Sequence[str], vsizes: Mapping[str, int] | None = None) -> list[str]:
+        """Move finished tmp files into new/ as `<name>,S=<size>,W=<vsize>`; fsync new/, tmp/.
+
+        ``vsizes`` gives each name's W= size (`TmpMessage.vsize`); a recovery run does not
+        know it and the file is read to count it.
 
         Idempotent for recovery: a name already in new/ or cur/ returns its current final name
         without moving anything. Raises `MessageMissing` (before moving anything) for names
@@ -298,7 +383,9 @@ class Maildir:
                 if name not in sizes:
                     finals.append(placed[base_name(name)][1])
                     continue
-                final = f"{name},S={sizes[name]}"
+                known = None if vsizes is None else vsizes.get(name)
+                vsize = virtual_size(self.tmp / name) if known is None else known
+                final = f"{name},S={sizes[name]},W={vsize}"
                 os.rename(os.path.join(self.tmp, name), os.path.join(self.new, final))
                 finals.append(final)
                 moved = True

@@ -47,6 +47,7 @@ from popsync.plan import Plan, Policy, plan_sync
 from popsync.pop3 import errors as pop3_errors
 from popsync.pop3.sasl import credential_forms
 from popsync.textsafe import add_secrets, safe_text, scrub_scope
+from popsync.trace import TraceHeaders
 from popsync.units import human_bytes
 
 if TYPE_CHECKING:
@@ -293,17 +294,19 @@ class _Batcher:
         self._result = result
         self._on_delivered = on_delivered
         self._items: list[tuple[bytes, TmpMessage]] = []
+        self._wire: dict[str, int] = {}  # octets each message took on the wire
         self._flushes: list[Future[None]] = []
         self._failed = False
         self._bytes = 0
 
-    def add(self, uidl: bytes, tmp: TmpMessage) -> None:
+    def add(self, uidl: bytes, tmp: TmpMessage, wire_size: int) -> None:
         # Step 1 runs in the background: write out, fsync and close the file while the
         # next messages arrive. commit() waits for every flush before step 2.
         flush = _fsync_executor().submit(tmp.finish, fsync=True)
         flush.add_done_callback(self._note_failure)
         self._flushes.append(flush)
         self._items.append((uidl, tmp))
+        self._wire[tmp.name] = wire_size
         self._bytes += tmp.size
         # A failed flush (disk full) ends the batch early, so the run stops downloading.
         if self._failed or len(self._items) >= BATCH_MESSAGES or self._bytes >= BATCH_BYTES:
@@ -332,6 +335,7 @@ class _Batcher:
             except BaseException as exc:  # raised by commit() once the rest is recorded
                 failure = failure or exc
                 item[1].discard()
+                self._wire.pop(item[1].name, None)
             else:
                 durable.append(item)
         return durable, failure
@@ -355,7 +359,9 @@ class _Batcher:
             for _, tmp in items:
                 tmp.discard()
             raise
-        finals = self._maildir.deliver([t.name for _, t in items])
+        finals = self._maildir.deliver(
+            [t.name for _, t in items], {t.name: t.vsize for _, t in items}
+        )
         self._store.mark_delivered(
             self._account,
             [(u, final) for (u, _), final in zip(items, finals, strict=True)],
@@ -363,7 +369,7 @@ class _Batcher:
         )
         for uidl, tmp in items:
             self._result.fetched += 1
-            self._result.bytes += tmp.size
+            self._result.bytes += self._wire.pop(tmp.name, 0)
             self._on_delivered(uidl)
 
 
@@ -395,8 +401,13 @@ def _fetch(
     stop: threading.Event | None,
     progress: Callable[[int], None],
     max_size: int | None,
+    trace: TraceHeaders,
+    clock: Callable[[], float],
 ) -> None:
     """Stream every planned message into tmp/, committing in batches; clean up on failure.
+
+    Trace header fields (``add_headers``) are written into the file before the message's
+    first octet arrives, so nothing is buffered for them.
 
     ``max_size`` guards against a server whose LIST understated a size (or gave none):
     the RETR is cut off instead of filling the disk.
@@ -411,13 +422,15 @@ def _fetch(
         tmp = _open_tmp(maildir)
         opened.append(tmp.name)
         current.append(tmp)
+        if trace:
+            tmp.write(trace.prefix(uidl_of[msgnum], clock()))
         return tmp if stop is None else _StoppableSink(tmp, stop)
 
     def on_done(msgnum: int, sink: Sink, size: int) -> None:
         tmp = sink.tmp if isinstance(sink, _StoppableSink) else sink
         assert isinstance(tmp, TmpMessage)
         current.remove(tmp)
-        batcher.add(uidl_of[msgnum], tmp)
+        batcher.add(uidl_of[msgnum], tmp, size)
         progress(size)
 
     try:
@@ -470,7 +483,12 @@ def _open_maildir(account: Account) -> Maildir:
                 "exist (popsync creates only the Maildir itself): create it or fix the path"
             ]
         )
-    return Maildir(path)
+    return Maildir(
+        path,
+        line_endings=account.line_endings,
+        dir_mode=account.maildir_mode,
+        file_mode=account.file_mode,
+    )
 
 
 def is_first_run(store: SeenStore, account: str) -> bool:
@@ -576,7 +594,8 @@ def _session(
         batcher = _Batcher(account.name, store, maildir, clock, result, deletable.add)
         # No budget from here on (a big mailbox takes what it takes), only the minimum rate.
         client.set_pace(_pace(account, "transfer"))
-        _fetch(client, plan, batcher, maildir, stop, tick, _retr_guard(account))
+        trace = TraceHeaders(account.add_headers, pop3_host=account.host, user=account.username)
+        _fetch(client, plan, batcher, maildir, stop, tick, _retr_guard(account), trace, clock)
         if plan.forget:
             store.forget(account.name, plan.forget)
             result.forgotten = len(plan.forget)

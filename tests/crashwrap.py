@@ -106,12 +106,15 @@ def install(plan: CrashPlan) -> None:
     orig_write = tmp_cls.write
     orig_finish = tmp_cls.finish
 
+    started: set[str] = set()
+
     def write(self: maildir.TmpMessage, data: bytes | bytearray | memoryview) -> int:
         written = orig_write(self, data)
         # "retr" is the first write of each message, so --nth counts messages whatever the
         # chunking; later writes are "write" events (for random kills). Flushing first
         # leaves a real partial file behind, the hardest case.
-        kind = "retr" if self.size == written else "write"
+        kind = "write" if self.name in started else "retr"
+        started.add(self.name)
         plan.hit(kind, before_kill=self._flush if self._fd is not None else None)
         return written
 

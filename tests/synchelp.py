@@ -22,6 +22,7 @@ __all__ = [
     "maildir_messages",
     "make_message",
     "run_popsync",
+    "stored_form",
     "toml_config",
     "write_config",
 ]
@@ -108,10 +109,17 @@ def maildir_messages(maildir: Path) -> list[bytes]:
     return [p.read_bytes() for p in maildir_files(maildir)]
 
 
-def assert_exactly_once(delivered: Iterable[bytes], expected: Sequence[bytes]) -> None:
-    """Every expected message appears exactly once and nothing else appears."""
+def stored_form(wire: bytes, line_endings: str = "lf") -> bytes:
+    """What a Maildir file holds for a message received as ``wire``: CRLF -> LF by default."""
+    return wire.replace(b"\r\n", b"\n") if line_endings == "lf" else wire
+
+
+def assert_exactly_once(
+    delivered: Iterable[bytes], expected: Sequence[bytes], *, line_endings: str = "lf"
+) -> None:
+    """Every expected message (received as ``expected``) is stored exactly once, nothing else."""
     got = Counter(delivered)
-    want = Counter(expected)
+    want = Counter(stored_form(m, line_endings) for m in expected)
     lost = want - got
     extra = got - want
     assert not lost, f"{sum(lost.values())} message(s) lost"

@@ -21,6 +21,7 @@ from tests.synchelp import (
     maildir_messages,
     make_message,
     run_popsync,
+    stored_form,
     write_config,
 )
 
@@ -66,7 +67,7 @@ def _assert_consistent(setup: Setup) -> None:
     assert all(where[name] in ("new", "cur") for name in delivered), where
     files = maildir_messages(setup.maildir)
     assert len(files) == len(set(files)), "a message is in the Maildir twice"
-    assert set(files) <= set(setup.messages)
+    assert set(files) <= {stored_form(m) for m in setup.messages}
 
 
 def _finish(setup: Setup) -> RunResult:

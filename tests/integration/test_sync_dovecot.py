@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
+import email.utils
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from tests.synchelp import (
     maildir_files,
     maildir_messages,
     make_message,
+    stored_form,
 )
 
 __all__: list[str] = []
@@ -75,27 +80,84 @@ def test_first_run_fetches_everything_byte_exact(
     on_server = dovecot.messages(mail_user)
     assert result.fetched == len(on_server) == 7
     assert result.on_server == 7
-    assert result.bytes == sum(len(m) for m in maildir_messages(tmp_path / "Maildir"))
     # Dovecot serves what it stores with CRLF line ends; compare with that normalisation.
     expected = [re.sub(rb"(?<!\r)\n", b"\r\n", m) for m in on_server]
     expected[-2] += b"\r\n"  # POP3 always ends a message with CRLF before the terminator
+    # bytes counts what came over the wire; the files hold that with LF line ends.
+    assert result.bytes == sum(len(m) for m in expected)
     assert_exactly_once(maildir_messages(tmp_path / "Maildir"), expected)
     assert not list((tmp_path / "Maildir" / "tmp").iterdir())
+
+
+def test_crlf_line_endings_keep_the_wire_form_byte_exact(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, store: SeenStore
+) -> None:
+    """With line_endings = "crlf" every file is the served message byte for byte, W= == S=."""
+    dovecot.deliver_many(mail_user, _odd_messages())
+    _sync(_account(dovecot, mail_user, tmp_path, line_endings="crlf"), store)
+    expected = [re.sub(rb"(?<!\r)\n", b"\r\n", m) for m in dovecot.messages(mail_user)]
+    expected[-2] += b"\r\n"
+    assert_exactly_once(maildir_messages(tmp_path / "Maildir"), expected, line_endings="crlf")
+    for path in maildir_files(tmp_path / "Maildir"):
+        size = path.stat().st_size
+        assert path.name.endswith(f",S={size},W={size}"), path.name
+
+
+def test_lf_default_keeps_a_lone_cr(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, store: SeenStore
+) -> None:
+    """The LF default converts CRLF only: a CR inside a line stays as it is."""
+    dovecot.deliver(mail_user, b"Subject: cr\r\n\r\nbefore\rafter\r\nend\r\n")
+    _sync(_account(dovecot, mail_user, tmp_path), store)
+    assert maildir_messages(tmp_path / "Maildir") == [b"Subject: cr\n\nbefore\rafter\nend\n"]
+
+
+def test_trace_headers_are_prepended_in_rfc5322_form(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, store: SeenStore
+) -> None:
+    """add_headers prepends Delivered-To, Received and X-Popsync-UIDL; the rest is unchanged."""
+    messages = [make_message(i) for i in range(3)]
+    dovecot.deliver_many(mail_user, messages)
+    account = _account(dovecot, mail_user, tmp_path)
+    account = account.model_copy(
+        update={"add_headers": ("x-popsync-uidl", "received", "delivered-to")}
+    )
+    _sync(account, store)
+    uidls = {e.uidl for e in store.entries("acct").values()}
+    bodies = {stored_form(m) for m in messages}
+    for data in maildir_messages(tmp_path / "Maildir"):
+        parsed = email.message_from_bytes(data, policy=email.policy.default)
+        assert parsed["Delivered-To"] == mail_user.name
+        received = " ".join(str(parsed["Received"]).split())
+        assert received.startswith(f"from [{dovecot.host}] by ")  # an IP: a domain literal
+        assert f"for {mail_user.name};" in received
+        date = email.utils.parsedate_to_datetime(received.rsplit(";", 1)[1].strip())
+        assert abs(date.timestamp() - time.time()) < 600
+        uidl = parsed["X-Popsync-UIDL"].encode()
+        assert uidl in uidls
+        assert f"(UIDL {uidl.decode()})" in received
+        # Exactly three fields were added in front; the message follows unchanged.
+        head = data.split(b"\nX-Popsync-UIDL: " + uidl + b"\n", 1)
+        assert head[0].startswith(b"Delivered-To: ")
+        assert head[1] in bodies
 
 
 def test_maildir_names_carry_the_right_size(
     dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, store: SeenStore
 ) -> None:
-    """Every delivered name is `<unique>,S=<size>` with the file's real size and no UIDL."""
+    """Every name is `<unique>,S=<size>,W=<CRLF size>` with the real sizes and no UIDL."""
     dovecot.deliver_many(mail_user, [make_message(i, 100 * i) for i in range(1, 6)])
     _sync(_account(dovecot, mail_user, tmp_path), store)
     files = maildir_files(tmp_path / "Maildir")
     assert len(files) == 5
     uidls = {e.uidl.decode() for e in store.entries("acct").values()}
+    pattern = r"\d+\.M\d+P\d+Q\d+R[0-9a-f]{16}\.[^,/:]+,S=(\d+),W=(\d+)"
     for path in files:
-        match = re.fullmatch(r"\d+\.M\d+P\d+Q\d+R[0-9a-f]{16}\.[^,/:]+,S=(\d+)", path.name)
+        match = re.fullmatch(pattern, path.name)
         assert match, path.name
         assert int(match.group(1)) == path.stat().st_size
+        assert int(match.group(2)) == len(path.read_bytes().replace(b"\n", b"\r\n"))
+        assert int(match.group(2)) > int(match.group(1))  # LF stored, so W= counts more
         assert not any(uidl in path.name for uidl in uidls)
     assert {e.state for e in store.entries("acct").values()} == {"delivered"}
 

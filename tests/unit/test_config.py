@@ -67,6 +67,10 @@ def test_minimal_account_gets_every_default() -> None:
         "allow_uidl_reset": False,
         "first_run": "fetch",
         "enabled": True,
+        "line_endings": "lf",
+        "maildir_mode": 0o700,
+        "file_mode": 0o600,
+        "add_headers": (),
     }
     assert account.secret_source == "password_env"
 
@@ -516,3 +520,35 @@ def test_first_run_policy() -> None:
     assert problems_of(MINIMAL + 'first_run = "skip"\n') == [
         "accounts.work.first_run: Input should be 'fetch' or 'mark_seen' (got 'skip')"
     ]
+
+
+def test_delivery_file_keys_parse_and_inherit() -> None:
+    """line_endings, modes (octal strings or integers) and add_headers, also from [defaults]."""
+    text = (
+        '[defaults]\nfile_mode = "0640"\nadd_headers = ["Received", "x-popsync-uidl"]\n'
+        + MINIMAL
+        + 'line_endings = "CRLF"\nmaildir_mode = 0o750\n'
+    )
+    account = parse_config(text).accounts["work"]
+    assert (account.file_mode, account.maildir_mode) == (0o640, 0o750)
+    assert account.line_endings == "crlf"
+    assert account.add_headers == ("received", "x-popsync-uidl")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('file_mode = "0644x"', 'accounts.work.file_mode: must be an octal mode such as "0640"'),
+        ('file_mode = "0440"', "accounts.work.file_mode: must let the owner read and write"),
+        ("maildir_mode = 0o1777", "accounts.work.maildir_mode: must be a mode between"),
+        ('maildir_mode = "0500"', "accounts.work.maildir_mode: must give the owner rwx"),
+        ('line_endings = "cr"', "accounts.work.line_endings: Input should be 'lf' or 'crlf'"),
+        ('add_headers = ["received", "received"]', "accounts.work.add_headers: lists a header"),
+        ('add_headers = ["x-other"]', "accounts.work.add_headers.0: Input should be"),
+    ],
+)
+def test_delivery_file_key_errors(line: str, expected: str) -> None:
+    """Bad modes, line ends and header names are reported with their key."""
+    problems = problems_of(MINIMAL + line + "\n")
+    assert len(problems) == 1
+    assert problems[0].startswith(expected), problems

@@ -66,8 +66,9 @@ def test_open_tmp_writes_a_0600_file_with_a_spec_name(md: Maildir) -> None:
     for i in range(10_000):  # many small writes, crossing the buffer size
         msg.write(b"line %d\r\n" % i)
     msg.finish()
-    expected = b"".join(b"line %d\r\n" % i for i in range(10_000))
+    expected = b"".join(b"line %d\n" % i for i in range(10_000))  # stored with LF
     assert msg.size == len(expected)
+    assert msg.vsize == len(expected) + 10_000
     assert msg.path.read_bytes() == expected
     assert msg.closed
     msg.finish()  # idempotent
@@ -138,7 +139,7 @@ def test_deliver_batch_adds_size_and_fsyncs_each_directory_once(
     monkeypatch.setattr(popsync.maildir, "_fsync_dir", counting)
     names = [write_msg(md, b"x" * i) for i in range(32)]
     finals = md.deliver(names)
-    assert finals == [f"{n},S={i}" for i, n in enumerate(names)]
+    assert finals == [f"{n},S={i},W={i}" for i, n in enumerate(names)]
     assert sorted(synced) == sorted([md.new, md.tmp])
     assert list(md.tmp.iterdir()) == []
     for i, final in enumerate(finals):
@@ -370,4 +371,58 @@ def test_real_full_disk(tiny_tmpfs: Path) -> None:
         fill()
     assert list(md.tmp.iterdir()) == []
     name = write_msg(md, b"small")  # space is back after the partial file was removed
-    assert md.deliver([name]) == [f"{name},S=5"]
+    assert md.deliver([name]) == [f"{name},S=5,W=5"]
+
+
+def _stored(md: Maildir, chunks: list[bytes]) -> tuple[bytes, int, int]:
+    """Write chunks into one tmp message; return (file bytes, size, vsize)."""
+    with md.open_tmp() as msg:
+        for chunk in chunks:
+            msg.write(chunk)
+    return msg.path.read_bytes(), msg.size, msg.vsize
+
+
+WIRE = b"a\r\nb\rc\r\r\nd\n\r\r\nend\r"
+
+
+@pytest.mark.parametrize("cut", range(len(WIRE) + 1))
+def test_lf_conversion_is_independent_of_chunking(md: Maildir, cut: int) -> None:
+    """CRLF -> LF with lone CRs kept gives the same bytes and sizes wherever a chunk ends."""
+    expected = WIRE.replace(b"\r\n", b"\n")
+    data, size, vsize = _stored(md, [WIRE[:cut], WIRE[cut:]])
+    assert data == expected == b"a\nb\rc\r\nd\n\r\nend\r"
+    assert size == len(expected)
+    assert vsize == len(re.sub(rb"(?<!\r)\n", b"\r\n", expected))
+    assert _stored(md, [bytes([b]) for b in WIRE])[0] == expected  # byte by byte
+
+
+def test_crlf_mode_stores_the_wire_form(tmp_path: Path) -> None:
+    """line_endings="crlf" keeps every octet; W= counts only bare LFs twice."""
+    md = Maildir(tmp_path / "M", line_endings="crlf")
+    data, size, vsize = _stored(md, [WIRE[:5], WIRE[5:]])
+    assert (data, size) == (WIRE, len(WIRE))
+    assert vsize == len(WIRE) + 1  # the one bare LF after "d"
+
+
+def test_deliver_names_carry_w_and_recovery_counts_it(md: Maildir) -> None:
+    """deliver() writes ,W= from the message, or counts it from the file when not told."""
+    with md.open_tmp() as told:
+        told.write(b"x\r\ny\r\n")
+    with md.open_tmp() as untold:
+        untold.write(b"p\r\nq\rr\r\n")
+    finals = md.deliver([told.name, untold.name], {told.name: told.vsize})
+    assert finals == [f"{told.name},S=4,W=6", f"{untold.name},S=6,W=8"]
+    assert popsync.maildir.virtual_size(md.new / finals[1]) == 8
+
+
+def test_modes_come_from_config_and_the_umask_applies(tmp_path: Path) -> None:
+    """dir_mode and file_mode are used as given, less the process umask."""
+    old = os.umask(0o027)
+    try:
+        md = Maildir(tmp_path / "G", dir_mode=0o770, file_mode=0o664)
+        msg = md.open_tmp()
+        msg.finish()
+    finally:
+        os.umask(old)
+    assert mode(md.path) == mode(md.new) == 0o750
+    assert mode(msg.path) == 0o640

@@ -19,7 +19,7 @@ from popsync.plan import RESET_MIN_DELIVERED
 from popsync.seen import SeenStore
 from popsync.sync import _OWN_TMP, RunResult, clean_debris, sync_account
 from tests.fake_pop3 import Close, Expect, FakePop3Server, Send, Stall, StartTLS, Step
-from tests.synchelp import make_message, toml_config
+from tests.synchelp import make_message, stored_form, toml_config
 
 __all__: list[str] = []
 
@@ -105,7 +105,7 @@ def test_disconnect_mid_retr_leaves_no_partial_message(tmp_path: Path, store: Se
         result = _run(_account(tmp_path, server, delete="after_delivery"), store)
     server.check()
     assert (result.outcome, result.exit_code) == ("temporary", ExitCode.TEMPORARY)
-    assert _files(tmp_path, "new") == [M1]
+    assert _files(tmp_path, "new") == [stored_form(M1)]
     assert _files(tmp_path, "tmp") == []
     entries = store.entries("acct")
     assert set(entries) == {b"u1"}
@@ -147,7 +147,7 @@ def test_duplicate_uidls_are_fetched_once_and_never_deleted(
     server.check()
     assert result.outcome == "ok", result.error
     assert (result.fetched, result.deleted) == (2, 1)
-    assert sorted(_files(tmp_path, "new")) == sorted([M1, M2])
+    assert sorted(_files(tmp_path, "new")) == sorted(map(stored_form, [M1, M2]))
     assert any("more than once" in w for w in result.warnings)
     assert any(e["event"] == "plan warning" and e["log_level"] == "warning" for e in logs)
 
@@ -297,7 +297,7 @@ def test_quit_lost_means_deletes_are_sent_again(tmp_path: Path, store: SeenStore
     server.check()
     assert store.entries("acct")[b"u1"].deleted_at is not None
     assert (two.outcome, two.fetched, two.deleted) == ("ok", 0, 1)
-    assert _files(tmp_path, "new") == [M1]
+    assert _files(tmp_path, "new") == [stored_form(M1)]
 
 
 def test_clean_debris_removes_only_files_of_dead_popsync_runs(tmp_path: Path) -> None:
@@ -360,7 +360,7 @@ def test_refused_dele_still_quits_and_commits_the_others(tmp_path: Path, store: 
     entries = store.entries("acct")
     assert entries[b"u1"].deleted_at is None
     assert entries[b"u2"].deleted_at is not None
-    assert _files(tmp_path, "new") == [M1, M2]
+    assert _files(tmp_path, "new") == [stored_form(M1), stored_form(M2)]
 
 
 def test_debug_log_shows_session_steps_and_plan(tmp_path: Path, store: SeenStore) -> None:
