@@ -37,6 +37,7 @@ from tests.synchelp import (
     maildir_files,
     make_message,
     run_popsync,
+    stored_form,
     write_config,
 )
 
@@ -493,7 +494,7 @@ def test_sigterm_with_a_stalled_server_exits_in_bounded_time(
         again.wait_for(synced("slow", fetched=1))
         assert again.stop()[0] == 0
     server.check()
-    assert _files(maildir) == [body]
+    assert _files(maildir) == [stored_form(body)]
     assert list((maildir / "tmp").iterdir()) == []  # the abandoned half message is gone
     _assert_clean_log(daemon)
     _assert_clean_log(again)
@@ -557,7 +558,7 @@ def test_login_delay_is_honoured(
         assert daemon.stop()[0] == 0
     delayed.check()
     announced.check()
-    assert _files(tmp_path / "Maildir-announced") == [body]
+    assert _files(tmp_path / "Maildir-announced") == [stored_form(body)]
 
 
 @pytest.fixture(scope="module")
