@@ -40,6 +40,7 @@ __all__ = [
     "AuthMechanism",
     "Config",
     "DeletePolicy",
+    "DeliverTo",
     "FirstRun",
     "LineEndings",
     "LogFormat",
@@ -72,6 +73,7 @@ Pipelining = Literal["auto", "on", "off"]
 LogFormat = Literal["auto", "json", "console", "journal"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LineEndings = Literal["lf", "crlf"]
+DeliverTo = Literal["maildir", "lmtp", "mda", "mbox"]
 TraceHeader = Literal["received", "delivered-to", "x-popsync-uidl"]
 
 #: Exactly one of these supplies an account's password or token.
@@ -222,7 +224,14 @@ class Account(BaseModel):
     password_command: str | None = None
     password_env: str | None = None
     auth: AuthMechanism = "auto"
-    maildir: AbsolutePath
+    deliver: DeliverTo = "maildir"
+    maildir: AbsolutePath | None = None
+    lmtp: str | None = None
+    lmtp_recipient: NonEmptyStr | None = None
+    lmtp_sessions: Annotated[int, Field(ge=1, le=32)] = 4
+    mda: Annotated[tuple[NonEmptyStr, ...], Field(min_length=1)] | None = None
+    mda_timeout: Duration = 300.0
+    mbox: AbsolutePath | None = None
     line_endings: Annotated[LineEndings, BeforeValidator(_lower)] = "lf"
     maildir_mode: Mode = 0o700
     file_mode: Mode = 0o600
@@ -283,6 +292,39 @@ class Account(BaseModel):
             raise ValueError(f"cannot split into arguments: {exc}") from None
         if not argv:
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("lmtp")
+    @classmethod
+    def _check_lmtp(cls, value: str | None) -> str | None:
+        if value is not None:
+            from popsync.deliver.lmtp import parse_address
+
+            parse_address(value)
+        return value
+
+    @field_validator("lmtp_recipient")
+    @classmethod
+    def _check_recipient(cls, value: str | None) -> str | None:
+        if value is not None and any(ch.isspace() or ch in "<>" for ch in value):
+            raise ValueError(f"not a mail address (got {value!r})")
+        return value
+
+    @field_validator("mda")
+    @classmethod
+    def _check_mda(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return value
+        if not os.path.isabs(value[0]):
+            raise ValueError(f"the command must be an absolute path (got {value[0]!r})")
+        for arg in value:
+            try:
+                arg.format_map({"account": "", "user": "", "uidl_hex": ""})
+            except (KeyError, ValueError, IndexError) as exc:
+                raise ValueError(
+                    f"bad placeholder in {arg!r} ({exc}); use {{account}}, {{user}} or "
+                    "{uidl_hex}, and {{ }} for literal braces"
+                ) from None
         return value
 
     @field_validator("password_env")
@@ -348,6 +390,7 @@ def _account_problems(account: Account) -> list[tuple[str, str]]:
                 "set only one of them",
             )
         )
+    problems += _delivery_problems(account)
     if account.file_mode & 0o600 != 0o600:
         problems.append(("file_mode", "must let the owner read and write (0600 at least)"))
     if account.maildir_mode & 0o700 != 0o700:
@@ -363,6 +406,32 @@ def _account_problems(account: Account) -> list[tuple[str, str]]:
                 f'only allowed with delete = "after_days" (delete is "{account.delete}")',
             )
         )
+    return problems
+
+
+#: The key each delivery target needs, and the keys that belong to it alone.
+_TARGET_KEYS: Mapping[str, tuple[str, ...]] = {
+    "maildir": ("maildir",),
+    "lmtp": ("lmtp", "lmtp_recipient"),
+    "mda": ("mda",),
+    "mbox": ("mbox",),
+}
+
+
+def _delivery_problems(account: Account) -> list[tuple[str, str]]:
+    """The chosen target's keys are set; other targets' keys are not (a likely mistake)."""
+    problems = [
+        (key, f'required with deliver = "{account.deliver}"')
+        for key in _TARGET_KEYS[account.deliver]
+        if getattr(account, key) is None
+    ]
+    for target, keys in _TARGET_KEYS.items():
+        if target != account.deliver:
+            problems += [
+                (key, f'only used with deliver = "{target}" (deliver is "{account.deliver}")')
+                for key in keys
+                if getattr(account, key) is not None
+            ]
     return problems
 
 
@@ -428,14 +497,16 @@ def _no_accounts(accounts: Mapping[str, object]) -> list[tuple[str, str]]:
 def _shared_maildirs(accounts: Mapping[str, Account]) -> list[tuple[str, str]]:
     """No two accounts may fill one Maildir from one mailbox: each would deliver every message."""
     problems: list[tuple[str, str]] = []
-    first: dict[tuple[str, str, Path], str] = {}
+    first: dict[tuple[str, str, str], str] = {}
     for name, account in accounts.items():
-        key = (account.host.lower(), account.username, account.maildir)
+        destination = account.maildir or account.mbox or account.lmtp_recipient or account.mda
+        key = (account.host.lower(), account.username, str(destination))
         if key in first:
             problems.append(
                 (
                     _path(["accounts", name]),
-                    f"same host, username and maildir as {_path(['accounts', first[key]])}: "
+                    f"same host, username and {account.deliver} as "
+                    f"{_path(['accounts', first[key]])}: "
                     "both would download the same messages",
                 )
             )
@@ -558,6 +629,14 @@ def _merge(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any
         for key in SECRET_KEYS:
             inherited.pop(key, None)
     merged = {**inherited, **own}
+    # [defaults] may name a Maildir while one account delivers by LMTP: keys inherited for
+    # another target are dropped rather than reported.
+    target = merged.get("deliver", "maildir")
+    for other, keys in _TARGET_KEYS.items():
+        if other != target:
+            for key in keys:
+                if key not in own:
+                    merged.pop(key, None)
     if merged.get("delete") != "after_days" and "delete_after_days" not in own:
         merged.pop("delete_after_days", None)
     return merged

@@ -70,6 +70,7 @@ __all__ = [
     "client_context",
     "close_socket",
     "connect",
+    "connect_unix",
     "decode_certificate",
     "default_context",
     "normalize_fingerprint",
@@ -332,7 +333,7 @@ class Stream:
         self._sock = sock
         self.host = host
         self.port = port
-        self.where = _where(host, port)
+        self.where = host if host.startswith("unix:") else _where(host, port)
         self._timeout = sock.gettimeout()
         self._applied = self._timeout
         self._closed = False
@@ -650,3 +651,16 @@ def probe_tls(host: str, port: int, timeout: float, server_hostname: str | None 
             return True
     except (OSError, ssl.SSLError):
         return False
+
+
+def connect_unix(path: str, *, timeout: float | None) -> Stream:
+    """Open a Unix stream socket (an LMTP server's socket, say); errors mapped like connect()."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    with _mapped(f"unix:{path}", "connect", timeout):
+        try:
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+    return Stream(sock, f"unix:{path}", 0)

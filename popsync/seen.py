@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 DB_FILENAME = "popsync.sqlite3"
-SeenState = Literal["pending", "delivered"]
+SeenState = Literal["pending", "delivered", "rejected"]
 
 #: MIGRATIONS[i] takes a database from user_version i to i + 1.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -82,6 +82,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             error TEXT,
             consecutive_failures INTEGER NOT NULL
         ) WITHOUT ROWID""",
+    ),
+)
+#: *rejected* (a delivery target refused the message for good; ``name`` holds its reason):
+#: SQLite cannot alter a CHECK constraint, so the table is rebuilt.
+MIGRATIONS += (
+    (
+        """CREATE TABLE seen_rejected (
+            account TEXT NOT NULL,
+            uidl BLOB NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'rejected')),
+            name TEXT NOT NULL,
+            size INTEGER,
+            first_seen REAL NOT NULL,
+            delivered_at REAL,
+            deleted_at REAL,
+            PRIMARY KEY (account, uidl)
+        ) WITHOUT ROWID""",
+        "INSERT INTO seen_rejected SELECT * FROM seen",
+        "DROP TABLE seen",
+        "ALTER TABLE seen_rejected RENAME TO seen",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -365,6 +385,17 @@ class SeenStore:
                 " ELSE excluded.delivered_at END,"
                 " state = 'delivered'",
                 [(account, bytes(u), name, at, at) for u, name in items],
+            )
+
+    def mark_rejected(self, account: str, items: Sequence[tuple[bytes, str]], at: float) -> None:
+        """Record (uidl, reason) as rejected: never fetched again, never DELEd."""
+        with self._tx("mark messages rejected") as conn:
+            conn.executemany(
+                "INSERT INTO seen (account, uidl, state, name, first_seen)"
+                " VALUES (?, ?, 'rejected', ?, ?)"
+                " ON CONFLICT (account, uidl) DO UPDATE SET"
+                " name = excluded.name, state = 'rejected' WHERE state = 'pending'",
+                [(account, bytes(u), reason, at) for u, reason in items],
             )
 
     def _delete_rows(self, account: str, uidls: Iterable[bytes], extra: str, action: str) -> int:

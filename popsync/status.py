@@ -42,6 +42,8 @@ class AccountStatus:
     on_server: int | None
     delivered: int
     pending: int
+    #: Messages the delivery target refused for good (kept on the server, never retried).
+    rejected: int
     deleted: int
     last_fetched: int
     failures: int
@@ -76,6 +78,7 @@ def collect_status(config: Config, store: SeenStore) -> list[AccountStatus]:
                 on_server=None if run is None else run.messages_on_server,
                 delivered=sum(1 for e in entries if e.state == "delivered"),
                 pending=sum(1 for e in entries if e.state == "pending"),
+                rejected=sum(1 for e in entries if e.state == "rejected"),
                 deleted=sum(1 for e in entries if e.deleted_at is not None),
                 last_fetched=0 if run is None else run.fetched,
                 failures=0 if run is None else run.consecutive_failures,
@@ -153,6 +156,7 @@ def _cells(row: AccountStatus, now: float) -> list[str]:
         "-" if row.on_server is None else str(row.on_server),
         str(row.delivered),
         str(row.pending),
+        str(row.rejected),
         str(row.last_fetched),
         row.error or "",
     ]
@@ -166,6 +170,7 @@ _HEADERS = [
     "on server",
     "delivered",
     "pending",
+    "rejected",
     "last fetched",
     "last error",
 ]

@@ -1,5 +1,9 @@
 """One sync run of one account: the durability order lives here.
 
+Where messages go is the delivery target's business (`popsync.deliver`: a Maildir, an
+LMTP server, an MDA command, an mbox); this module only ever calls the target interface,
+and the steps below read "spool" for the Maildir's tmp/ or the target's spool.
+
 ``sync_account`` is the only entry point; ``popsync --once`` and every scheduled job call
 it. A run is: lock the account, recover what a crash left behind, connect and log in,
 list UIDLs, plan, fetch in batches, DELE what the policy allows, QUIT, record the run.
@@ -40,9 +44,12 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 
-from popsync.errors import ConfigError, ExitCode, LocalIOError, PopsyncError
+from popsync.deliver import Delivered, Rejected, Spooled, Target, open_target
+from popsync.deliver import Outcome as DeliveryOutcome
+from popsync.deliver.base import deferral
+from popsync.errors import ExitCode, LocalIOError, PopsyncError
 from popsync.listing import Listing, SeenView
-from popsync.maildir import Maildir, MessageMissing, TmpMessage, sanitize_host
+from popsync.maildir import Maildir, TmpMessage, sanitize_host
 from popsync.plan import Plan, Policy, plan_sync
 from popsync.pop3 import errors as pop3_errors
 from popsync.pop3.sasl import credential_forms
@@ -106,6 +113,8 @@ _OUTCOME_BY_CODE: dict[ExitCode, Outcome] = {
     ExitCode.USAGE: "config",
 }
 
+_log = structlog.get_logger("popsync.sync")
+
 #: Called as ``progress(account, done, total, bytes_done)`` after every delivered message.
 Progress = Callable[[str, int, int, int], None]
 
@@ -128,6 +137,8 @@ class RunResult:
     skipped: int = 0
     deleted: int = 0
     recovered: int = 0
+    #: Messages the delivery target refused for good (5xx): recorded, never retried.
+    rejected: int = 0
     forgotten: int = 0
     #: Messages recorded as delivered without fetching (first_run = "mark_seen").
     marked_seen: int = 0
@@ -152,6 +163,8 @@ class RunResult:
             parts.append(f"{self.recovered} recovered")
         if self.marked_seen:
             parts.append(f"{self.marked_seen} marked seen (first_run)")
+        if self.rejected:
+            parts.append(f"{self.rejected} rejected")
         parts.append(f"{self.on_server} on server")
         return f"{self.account}: ok, " + ", ".join(parts) + f" in {self.duration:.2f}s"
 
@@ -187,29 +200,46 @@ def _policy(account: Account) -> Policy:
 
 
 # --------------------------------------------------------------------------- recovery
-def recover(account: str, store: SeenStore, maildir: Maildir, now: float) -> int:
-    """Finish what a crash left between steps 2 and 4; return how many were completed.
+def recover(account: str, store: SeenStore, target: Target, now: float) -> int:
+    """Finish what a crash (or a deferred delivery) left pending; return how many completed.
 
-    ``Maildir.deliver`` is idempotent: a pending file still in tmp/ is moved now, one a
-    crash already moved (or a reader moved on to cur/) keeps its place. A pending row
-    whose file is nowhere is dropped, so the message is fetched again.
+    The target decides per pending row (see each target's docstring): delivered (a Maildir
+    file already moved on, or handed over now), rejected, still deferred (the run then
+    ends 75 or 74 before it downloads more), or gone (the row is dropped, so the message
+    is fetched again).
     """
-    pending = {e.name: e.uidl for e in store.pending(account).values()}
+    pending = [Spooled(e.uidl, e.name, e.size or 0) for e in store.pending(account).values()]
     if not pending:
         return 0
-    names = list(pending)
-    try:
-        finals = maildir.deliver(names)
-    except MessageMissing as exc:
-        missing = set(exc.names)
-        store.remove(account, [pending[name] for name in missing])
-        names = [name for name in names if name not in missing]
-        finals = maildir.deliver(names) if names else []
-    if names:
-        store.mark_delivered(
-            account, [(pending[n], f) for n, f in zip(names, finals, strict=True)], now
-        )
-    return len(names)
+    outcomes = target.recover(pending)
+    gone = [item.uidl for item, outcome in zip(pending, outcomes, strict=True) if outcome is None]
+    if gone:
+        store.remove(account, gone)
+    done = [(i, o) for i, o in zip(pending, outcomes, strict=True) if o is not None]
+    _commit_outcomes(account, store, target, done, now)
+    problem = deferral([o for _, o in done])
+    if problem is not None:
+        raise problem
+    return sum(isinstance(o, Delivered) for _, o in done)
+
+
+def _commit_outcomes(
+    account: str,
+    store: SeenStore,
+    target: Target,
+    done: list[tuple[Spooled, DeliveryOutcome]],
+    now: float,
+) -> None:
+    """Record delivered and rejected messages, then let the target drop their spool files."""
+    delivered = [(i.uidl, o.name) for i, o in done if isinstance(o, Delivered)]
+    rejected = [(i.uidl, o.reason) for i, o in done if isinstance(o, Rejected)]
+    if delivered:
+        store.mark_delivered(account, delivered, now)
+    if rejected:
+        store.mark_rejected(account, rejected, now)
+    finished = [i.name for i, o in done if isinstance(o, Delivered | Rejected)]
+    if finished:
+        target.release(finished)
 
 
 # ------------------------------------------------------------------------------ debris
@@ -220,10 +250,10 @@ _inflight: set[str] = set()
 _inflight_lock = threading.Lock()
 
 
-def _open_tmp(maildir: Maildir) -> TmpMessage:
-    """open_tmp() and register the name in one step, so clean_debris never sees it bare."""
+def _open_tmp(target: Target) -> TmpMessage:
+    """open() and register the name in one step, so clean_debris never sees it bare."""
     with _inflight_lock:
-        tmp = maildir.open_tmp()
+        tmp = target.open()
         _inflight.add(tmp.name)
     return tmp
 
@@ -282,14 +312,14 @@ class _Batcher:
         self,
         account: str,
         store: SeenStore,
-        maildir: Maildir,
+        target: Target,
         clock: Callable[[], float],
         result: RunResult,
         on_delivered: Callable[[bytes], None],
     ) -> None:
         self._account = account
         self._store = store
-        self._maildir = maildir
+        self._target = target
         self._clock = clock
         self._result = result
         self._on_delivered = on_delivered
@@ -351,7 +381,7 @@ class _Batcher:
             raise failure
 
     def _record(self, items: list[tuple[bytes, TmpMessage]]) -> None:
-        """Steps 2-4 for durable tmp files."""
+        """Steps 2-4 for durable spool files: pending, hand over, outcome committed."""
         try:
             self._store.add_pending(self._account, [(u, t.name, t.size) for u, t in items])
         except BaseException:
@@ -359,18 +389,29 @@ class _Batcher:
             for _, tmp in items:
                 tmp.discard()
             raise
-        finals = self._maildir.deliver(
-            [t.name for _, t in items], {t.name: t.vsize for _, t in items}
-        )
-        self._store.mark_delivered(
-            self._account,
-            [(u, final) for (u, _), final in zip(items, finals, strict=True)],
-            self._clock(),
-        )
-        for uidl, tmp in items:
-            self._result.fetched += 1
-            self._result.bytes += self._wire.pop(tmp.name, 0)
-            self._on_delivered(uidl)
+        spooled = [Spooled(u, t.name, t.size, t.vsize) for u, t in items]
+        outcomes = self._target.hand_over(spooled)
+        done = list(zip(spooled, outcomes, strict=True))
+        _commit_outcomes(self._account, self._store, self._target, done, self._clock())
+        for item, outcome in done:
+            wire = self._wire.pop(item.name, 0)
+            if isinstance(outcome, Delivered):
+                self._result.fetched += 1
+                self._result.bytes += wire
+                self._on_delivered(item.uidl)
+            elif isinstance(outcome, Rejected):
+                self._result.rejected += 1
+                self._result.warnings.append(f"rejected by {self._target.kind}: {outcome.reason}")
+                _log.warning(
+                    "message rejected",
+                    account=self._account,
+                    uidl=item.uidl.hex(),
+                    reason=outcome.reason,
+                )
+        # Deferred messages stay pending; the next run hands them over again.
+        problem = deferral(outcomes)
+        if problem is not None:
+            raise problem
 
 
 class _StoppableSink:
@@ -397,7 +438,7 @@ def _fetch(
     client: Pop3Client,
     plan: Plan,
     batcher: _Batcher,
-    maildir: Maildir,
+    target: Target,
     stop: threading.Event | None,
     progress: Callable[[int], None],
     max_size: int | None,
@@ -419,7 +460,7 @@ def _fetch(
     def sink_factory(msgnum: int) -> Sink:
         if stop is not None and stop.is_set():
             raise StopRequested("stopping: shutdown requested")
-        tmp = _open_tmp(maildir)
+        tmp = _open_tmp(target)
         opened.append(tmp.name)
         current.append(tmp)
         if trace:
@@ -473,24 +514,6 @@ def _connect(
     return open_session(account, secret, on_activity=on_activity)
 
 
-def _open_maildir(account: Account) -> Maildir:
-    """The account's Maildir; a missing parent directory is a config error, not disk trouble."""
-    path = account.maildir
-    if not path.exists() and not path.parent.is_dir():
-        raise ConfigError(
-            [
-                f"accounts.{account.name}.maildir: parent directory {path.parent} does not "
-                "exist (popsync creates only the Maildir itself): create it or fix the path"
-            ]
-        )
-    return Maildir(
-        path,
-        line_endings=account.line_endings,
-        dir_mode=account.maildir_mode,
-        file_mode=account.file_mode,
-    )
-
-
 def is_first_run(store: SeenStore, account: str) -> bool:
     """True when the store knows nothing of ``account``: no message and no run."""
     return not store.has_rows(account) and account not in store.last_runs()
@@ -536,7 +559,7 @@ def _session(
     account: Account,
     client: Pop3Client,
     store: SeenStore,
-    maildir: Maildir,
+    target: Target,
     result: RunResult,
     *,
     clock: Callable[[], float],
@@ -591,11 +614,16 @@ def _session(
             if progress is not None:
                 progress(account.name, done[0], total, done[1])
 
-        batcher = _Batcher(account.name, store, maildir, clock, result, deletable.add)
+        batcher = _Batcher(account.name, store, target, clock, result, deletable.add)
         # No budget from here on (a big mailbox takes what it takes), only the minimum rate.
         client.set_pace(_pace(account, "transfer"))
-        trace = TraceHeaders(account.add_headers, pop3_host=account.host, user=account.username)
-        _fetch(client, plan, batcher, maildir, stop, tick, _retr_guard(account), trace, clock)
+        trace = TraceHeaders(
+            account.add_headers,
+            pop3_host=account.host,
+            user=account.username,
+            recipient=account.lmtp_recipient,
+        )
+        _fetch(client, plan, batcher, target, stop, tick, _retr_guard(account), trace, clock)
         if plan.forget:
             store.forget(account.name, plan.forget)
             result.forgotten = len(plan.forget)
@@ -699,16 +727,16 @@ def sync_account(
     during_login = False
     try:
         with store.lock(account.name):
-            maildir = _open_maildir(account)
-            result.recovered = recover(account.name, store, maildir, clock())
+            target = open_target(account, store.path.parent)
+            result.recovered = recover(account.name, store, target, clock())
             if result.recovered:
                 log.info("recovered interrupted deliveries", count=result.recovered)
             # Debris of a run killed mid-RETR or mid-batch; other agents' files get 36 hours.
             # recover() has just resolved every pending row, so no tmp file is still owed.
-            debris = clean_debris(maildir, set())
+            debris = clean_debris(target.spool, set())
             if debris:
                 log.info("removed tmp/ debris of an interrupted run", count=len(debris))
-            maildir.cleanup_tmp(())
+            target.spool.cleanup_tmp(())
             secret = (secret_resolver or resolve_secret)(account)
             add_secrets(
                 credential_forms(account.username, secret, host=account.host, port=account.port)
@@ -727,7 +755,7 @@ def sync_account(
                 account,
                 client,
                 store,
-                maildir,
+                target,
                 result,
                 clock=clock,
                 stop=stop,

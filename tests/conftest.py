@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from devtools.dovecot import Dovecot, MailUser, dovecot_available
+from devtools.dovecot import Dovecot, DovecotLmtp, MailUser, dovecot_available, lmtp_available
 
-__all__ = ["ca_file", "dovecot", "in_ci", "mail_user"]
+__all__ = ["ca_file", "dovecot", "in_ci", "lmtp_server", "mail_user", "require_lmtp"]
 
 _INSTALL_HINT = "install dovecot-core and dovecot-pop3d (./dev setup does it)"
 
@@ -66,3 +66,27 @@ def mail_user(dovecot: Dovecot) -> MailUser:
 def ca_file(dovecot: Dovecot) -> Path:
     """PEM file of the CA that signed the Dovecot server certificate."""
     return dovecot.ca_file
+
+
+_LMTP_HINT = "install dovecot-lmtpd and dovecot-sieve (./dev setup does it)"
+
+
+def require_lmtp() -> None:
+    """Skip (or fail under CI) when Dovecot's LMTP server or Sieve plugin is missing."""
+    if not lmtp_available():
+        if in_ci():
+            pytest.fail(f"CI is set but Dovecot LMTP/Sieve is not installed: {_LMTP_HINT}")
+        pytest.skip(f"Dovecot LMTP/Sieve is not installed: {_LMTP_HINT}")
+
+
+@pytest.fixture(scope="session")
+def lmtp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotLmtp]:
+    """A running private Dovecot LMTP server with Sieve (its own root, socket and port)."""
+    require_lmtp()
+    root, remove = _server_root(tmp_path_factory)
+    try:
+        with DovecotLmtp(root) as server:
+            yield server
+    finally:
+        if remove:
+            shutil.rmtree(root, ignore_errors=True)

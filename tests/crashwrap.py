@@ -12,6 +12,9 @@ Steps (the durability order of ``popsync/sync.py``, each counted from 1 with ``-
 ``new-fsync``   after the Nth fsync of new/ (before ``mark_delivered``)
 ``delivered``   after the Nth ``mark_delivered`` transaction committed
 ``dele``        after the Nth ``dele_many`` answered (before QUIT)
+``handover``    after the Nth batch was handed to the delivery target (LMTP, MDA, mbox or
+                the Maildir renames) and before its outcome is committed: the window in
+                which LMTP and MDA deliveries can be duplicated
 ``retr``        in the middle of the Nth message's RETR: at its first write into tmp/, that
                 partial data already on disk
 ``random``      at the Nth hook event of any kind above, every write of a message included
@@ -44,6 +47,7 @@ STEPS = (
     "new-fsync",
     "delivered",
     "dele",
+    "handover",
     "retr",
     "random",
     "never",
@@ -148,6 +152,11 @@ def install(plan: CrashPlan) -> None:
     store_cls = seen.SeenStore
     store_cls.add_pending = _after(plan, "pending", store_cls.add_pending)  # type: ignore[method-assign]
     store_cls.mark_delivered = _after(plan, "delivered", store_cls.mark_delivered)  # type: ignore[method-assign]
+    from popsync.deliver import lmtp, mbox, mda
+    from popsync.deliver import maildir as maildir_target
+
+    for target in (lmtp.LmtpTarget, mda.MdaTarget, mbox.MboxTarget, maildir_target.MaildirTarget):
+        target.hand_over = _after(plan, "handover", target.hand_over)  # type: ignore[method-assign]
     client_cls = client.Pop3Client
     client_cls.dele_many = _after(plan, "dele", client_cls.dele_many)  # type: ignore[method-assign]
 

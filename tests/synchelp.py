@@ -29,10 +29,12 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[1]
 
-TomlValue = str | int | bool | float
+TomlValue = str | int | bool | float | list[str]
 
 
 def _toml(value: TomlValue) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -75,6 +77,8 @@ def dovecot_keys(
         "timeout": "10s",
     }
     keys.update(extra)
+    if keys.get("deliver", "maildir") != "maildir":
+        keys.pop("maildir")
     return keys
 
 

@@ -76,7 +76,7 @@ def test_plain_rendering_is_an_aligned_table(config: Config, store: SeenStore) -
     lines = out.getvalue().splitlines()
     assert lines[0].split() == [
         "account", "server", "last", "run", "outcome", "on", "server",
-        "delivered", "pending", "last", "fetched", "last", "error",
+        "delivered", "pending", "rejected", "last", "fetched", "last", "error",
     ]  # fmt: skip
     assert lines[1].split()[:4] == ["home", "pop.home.invalid:995", "2m", "ago"]
     assert "[AUTH] Authentication failed." in lines[2]

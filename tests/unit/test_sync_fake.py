@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from popsync import sync as sync_module
 from popsync.config import Account, parse_config
+from popsync.deliver.maildir import MaildirTarget
 from popsync.errors import ExitCode, LocalIOError
 from popsync.maildir import Maildir, new_unique_name
 from popsync.plan import RESET_MIN_DELIVERED
@@ -324,7 +325,7 @@ def test_clean_debris_removes_only_files_of_dead_popsync_runs(tmp_path: Path) ->
         }
         for file in files.values():
             (md.tmp / file).write_bytes(b"partial")
-        in_flight = sync_module._open_tmp(md)
+        in_flight = sync_module._open_tmp(MaildirTarget(md.path))
         try:
             removed = clean_debris(md, {files["kept"]})
         finally:

@@ -1,0 +1,198 @@
+"""LMTP delivery into a real Dovecot LMTP server with Pigeonhole Sieve."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.dovecot import Dovecot, DovecotLmtp, MailUser
+from popsync.errors import ExitCode
+from popsync.seen import SeenStore
+from popsync.sync import RunResult, sync_account
+from tests.conftest import require_lmtp
+from tests.corpus import CORPUS, served
+from tests.synchelp import assert_exactly_once, dovecot_account, make_message, stored_form
+
+__all__: list[str] = []
+
+pytestmark = pytest.mark.dovecot
+
+SIEVE = """require ["fileinto"];
+if header :contains "subject" "list" { fileinto "Lists"; stop; }
+"""
+# The trace fields Dovecot's LMTP prepends; everything after them is the message.
+_DOVECOT_TRACE = re.compile(
+    rb"\A(?:(?:Return-Path|Delivered-To|Received):[^\n]*\n(?:[ \t][^\n]*\n)*)+"
+)
+
+
+def strip_trace(stored: bytes, *, required: bool = True) -> bytes:
+    """A message as Dovecot stored it, without the trace fields Dovecot added."""
+    found = _DOVECOT_TRACE.match(stored)
+    if found is None:
+        assert not required, stored[:200]
+        return stored
+    return stored[found.end() :]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SeenStore]:
+    """A fresh seen-store in the test's state directory."""
+    with SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as opened:
+        yield opened
+
+
+def _sync(
+    dovecot: Dovecot, user: MailUser, tmp_path: Path, store: SeenStore, **keys: str | int
+) -> RunResult:
+    account = dovecot_account(dovecot, user, tmp_path / "unused", tmp_path / "state", **keys)[1]
+    return sync_account(account, store)
+
+
+def _lmtp_keys(server: DovecotLmtp, rcpt: MailUser, *, port: bool = False) -> dict[str, str]:
+    address = f"127.0.0.1:{server.lmtp_port}" if port else f"unix:{server.socket_path}"
+    return {"deliver": "lmtp", "lmtp": address, "lmtp_recipient": f"{rcpt.name}@example.org"}
+
+
+def test_sieve_files_each_message_exactly_once_in_the_right_folder(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    store: SeenStore,
+) -> None:
+    """Over the unix socket: Sieve files list mail into Lists, the rest lands in INBOX."""
+    rcpt = lmtp_server.new_user("r")
+    lmtp_server.set_sieve(rcpt, SIEVE)
+    plain = [make_message(i, tag="plain") for i in range(6)]
+    lists = [make_message(i, tag="list") for i in range(4)]
+    mixed = [m for pair in zip(plain[:4], lists, strict=True) for m in pair] + plain[4:]
+    dovecot.deliver_many(mail_user, mixed)
+    keys = {**_lmtp_keys(lmtp_server, rcpt), "delete": "after_delivery"}
+    result = _sync(dovecot, mail_user, tmp_path, store, **keys)
+    assert result.outcome == "ok", result.error
+    assert (result.fetched, result.deleted) == (10, 10)
+    inbox = [strip_trace(m) for m in lmtp_server.folder_messages(rcpt)]
+    filed = [strip_trace(m) for m in lmtp_server.folder_messages(rcpt, "Lists")]
+    assert_exactly_once(inbox, plain)
+    assert_exactly_once(filed, lists)
+    assert dovecot.messages(mail_user) == []
+    # Nothing left in the spool, and a second run hands nothing over again.
+    assert list((tmp_path / "state" / "spool" / "acct" / "tmp").iterdir()) == []
+    again = _sync(dovecot, mail_user, tmp_path, store, **_lmtp_keys(lmtp_server, rcpt))
+    assert (again.outcome, again.fetched) == ("ok", 0)
+    assert len(lmtp_server.folder_messages(rcpt)) == 6
+
+
+def test_corpus_goes_through_lmtp_byte_exact(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    store: SeenStore,
+) -> None:
+    """Long lines, lone CRs, dot and From lines reach Dovecot intact over the TCP port."""
+    rcpt = lmtp_server.new_user("c")
+    names = list(CORPUS)
+    dovecot.deliver_many(mail_user, [CORPUS[name]() for name in names])
+    result = _sync(dovecot, mail_user, tmp_path, store, **_lmtp_keys(lmtp_server, rcpt, port=True))
+    assert result.outcome == "ok", result.error
+    got = [strip_trace(m) for m in lmtp_server.folder_messages(rcpt)]
+    assert_exactly_once(got, [served(CORPUS[name]()) for name in names])
+
+
+def test_trace_headers_name_the_lmtp_recipient(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    store: SeenStore,
+) -> None:
+    """add_headers goes ahead of the message; Delivered-To names lmtp_recipient."""
+    rcpt = lmtp_server.new_user("t")
+    message = make_message(1, tag="trace")
+    dovecot.deliver(mail_user, message)
+    keys = _lmtp_keys(lmtp_server, rcpt)
+    account = dovecot_account(dovecot, mail_user, tmp_path / "x", tmp_path / "state", **keys)[1]
+    account = account.model_copy(update={"add_headers": ("delivered-to", "x-popsync-uidl")})
+    assert sync_account(account, store).outcome == "ok"
+    (stored,) = lmtp_server.folder_messages(rcpt)
+    uidl = next(iter(store.entries("acct")))
+    ours = f"Delivered-To: {rcpt.name}@example.org\nX-Popsync-UIDL: {uidl.decode()}\n"
+    assert stored.startswith(b"Return-Path: <>\n")  # Dovecot's own fields come first
+    assert stored.endswith(b"\n" + ours.encode() + stored_form(message))
+
+
+@pytest.fixture
+def small_lmtp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotLmtp]:
+    """An LMTP server whose quota plugin refuses mail over a 4 KiB mailbox for good (552)."""
+    require_lmtp()
+    root = Path(tempfile.mkdtemp(prefix="popsync-lmtp-small-"))
+    root.chmod(0o711)
+    server = DovecotLmtp(root, sieve=False)
+    server.extra_config = (
+        "mail_plugins = $mail_plugins quota\n"
+        "plugin {\n  quota = maildir:User quota\n  quota_rule = *:storage=4K\n}\n"
+    )
+    try:
+        with server:
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_permanent_refusal_is_recorded_rejected_and_never_retried(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    small_lmtp: DovecotLmtp,
+    tmp_path: Path,
+    store: SeenStore,
+) -> None:
+    """A 5xx marks the message rejected: kept on the server, not DELEd, not fetched again."""
+    rcpt = small_lmtp.new_user("q")
+    small = [make_message(i, 200, tag="small") for i in range(3)]
+    big = make_message(9, 8000, tag="big")
+    dovecot.deliver_many(mail_user, [small[0], big, small[1], small[2]])
+    keys = {**_lmtp_keys(small_lmtp, rcpt), "delete": "after_delivery"}
+    result = _sync(dovecot, mail_user, tmp_path, store, **keys)
+    assert result.outcome == "ok", result.error
+    assert (result.fetched, result.rejected, result.deleted) == (3, 1, 3)
+    assert any("rejected by lmtp: LMTP 552" in w for w in result.warnings)
+    assert_exactly_once([strip_trace(m) for m in small_lmtp.folder_messages(rcpt)], small)
+    assert dovecot.messages(mail_user) == [big]
+    states = sorted(e.state for e in store.entries("acct").values())
+    assert states == ["delivered", "delivered", "delivered", "rejected"]
+    again = _sync(dovecot, mail_user, tmp_path, store, **keys)
+    assert (again.outcome, again.fetched, again.rejected) == ("ok", 0, 0)
+    assert dovecot.messages(mail_user) == [big]
+
+
+def test_unreachable_server_defers_then_delivers_from_the_spool(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    store: SeenStore,
+) -> None:
+    """No LMTP server: exit 75, messages stay pending and spooled; next run delivers them."""
+    rcpt = lmtp_server.new_user("d")
+    messages = [make_message(i, tag="later") for i in range(3)]
+    dovecot.deliver_many(mail_user, messages)
+    keys = {**_lmtp_keys(lmtp_server, rcpt), "delete": "after_delivery"}
+    down = {**keys, "lmtp": f"unix:{tmp_path}/no-such-socket"}
+    result = _sync(dovecot, mail_user, tmp_path, store, **down)
+    assert (result.outcome, result.exit_code) == ("temporary", ExitCode.TEMPORARY)
+    assert "delivery deferred for 3 message(s)" in (result.error or "")
+    assert {e.state for e in store.entries("acct").values()} == {"pending"}
+    assert len(list((tmp_path / "state" / "spool" / "acct" / "tmp").iterdir())) == 3
+    assert len(dovecot.messages(mail_user)) == 3  # nothing DELEd
+    done = _sync(dovecot, mail_user, tmp_path, store, **keys)
+    assert done.outcome == "ok", done.error
+    assert (done.recovered, done.fetched, done.deleted) == (3, 0, 3)
+    assert_exactly_once([strip_trace(m) for m in lmtp_server.folder_messages(rcpt)], messages)
+    assert dovecot.messages(mail_user) == []
