@@ -421,7 +421,7 @@ _TARGET_KEYS: Mapping[str, tuple[str, ...]] = {
 def _delivery_problems(account: Account) -> list[tuple[str, str]]:
     """The chosen target's keys are set; other targets' keys are not (a likely mistake)."""
     problems = [
-        (key, f'required with deliver = "{account.deliver}"')
+        (key, _missing_target_key(account.deliver))
         for key in _TARGET_KEYS[account.deliver]
         if getattr(account, key) is None
     ]
@@ -648,7 +648,32 @@ def _account_errors(
     try:
         return Account.model_validate({**merged, "name": name}), []
     except ValidationError as exc:
-        return None, exc.errors(include_url=False)
+        errors = exc.errors(include_url=False)
+    if any(e["type"] == _CHECKS_ERROR for e in errors):
+        return None, errors
+    # The cross-key checks did not run; a missing target key is still worth reporting now.
+    target = merged.get("deliver", "maildir")
+    missing = [
+        (key, _missing_target_key(target))
+        for key in (_TARGET_KEYS.get(target, ()) if isinstance(target, str) else ())
+        if merged.get(key) is None and not any(e["loc"][:1] == (key,) for e in errors)
+    ]
+    if missing:
+        detail = _checks_failed(missing)
+        errors.append(
+            {
+                "type": detail.type,
+                "loc": (),
+                "msg": detail.message(),
+                "input": None,
+                "ctx": detail.context or {},
+            }
+        )
+    return None, errors
+
+
+def _missing_target_key(target: str) -> str:
+    return "missing required key" + ("" if target == "maildir" else f' with deliver = "{target}"')
 
 
 def _validate_account(

@@ -71,6 +71,13 @@ def test_minimal_account_gets_every_default() -> None:
         "maildir_mode": 0o700,
         "file_mode": 0o600,
         "add_headers": (),
+        "deliver": "maildir",
+        "lmtp": None,
+        "lmtp_recipient": None,
+        "lmtp_sessions": 4,
+        "mda": None,
+        "mda_timeout": 300.0,
+        "mbox": None,
     }
     assert account.secret_source == "password_env"
 
@@ -552,3 +559,30 @@ def test_delivery_file_key_errors(line: str, expected: str) -> None:
     problems = problems_of(MINIMAL + line + "\n")
     assert len(problems) == 1
     assert problems[0].startswith(expected), problems
+
+
+def test_delivery_targets_need_their_keys_and_only_theirs() -> None:
+    """Each deliver value needs its keys; another target's keys are refused, inherited dropped."""
+    base = '[accounts.a]\nhost = "h"\nusername = "u"\npassword_env = "P"\n'
+    lmtp = parse_config(
+        '[defaults]\nmaildir = "/m"\n'
+        + base
+        + 'deliver = "lmtp"\nlmtp = "unix:/run/dovecot/lmtp"\nlmtp_recipient = "me@x.org"\n'
+    ).accounts["a"]
+    assert (lmtp.deliver, lmtp.maildir, lmtp.lmtp_sessions) == ("lmtp", None, 4)
+    assert problems_of(base + 'deliver = "lmtp"\nmbox = "/var/mail/u"\n') == [
+        'accounts.a.lmtp: missing required key with deliver = "lmtp"',
+        'accounts.a.lmtp_recipient: missing required key with deliver = "lmtp"',
+        'accounts.a.mbox: only used with deliver = "mbox" (deliver is "lmtp")',
+    ]
+    assert problems_of(base + 'maildir = "/m"\nlmtp = "localhost"\n') == [
+        'accounts.a.lmtp: expected "unix:/path" or "HOST:PORT" (got \'localhost\')'
+    ]
+    mda = parse_config(base + 'deliver = "mda"\nmda = ["/usr/bin/procmail", "-a", "{user}"]\n')
+    assert mda.accounts["a"].mda == ("/usr/bin/procmail", "-a", "{user}")
+    assert problems_of(base + 'deliver = "mda"\nmda = ["procmail", "{nope}"]\n') == [
+        "accounts.a.mda: the command must be an absolute path (got 'procmail')"
+    ]
+    assert problems_of(base + 'deliver = "mda"\nmda = ["/bin/x", "{nope}"]\n')[0].startswith(
+        "accounts.a.mda: bad placeholder in '{nope}'"
+    )

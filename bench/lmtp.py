@@ -1,0 +1,264 @@
+"""Delivery bench: scenario a (2,000 x 4 KiB) fetched over POP3 and handed to Dovecot's LMTP.
+
+One command (as root; needs dovecot-lmtpd, dovecot-sieve, fetchmail, mpop)::
+
+    .venv/bin/python -m bench.lmtp [--runs 3] [--quick]
+
+Everything runs against one private POP3 Dovecot and one private LMTP Dovecot (with
+``mail_fsync = optimized``, as a real server) in the same run, each tool into a fresh
+recipient, so the figures compare like with like:
+
+* ``popsync lmtp xN``: ``deliver = "lmtp"`` over the unix socket, ``lmtp_sessions = N``;
+  with and without a Sieve script for the recipient;
+* ``popsync maildir``: the plain Maildir target, for peak RSS;
+* ``fetchmail --lmtp``: fetchmail's LMTP delivery to the same socket;
+* ``mpop dovecot-lda``: mpop ``delivery mda`` running dovecot-lda per message;
+* ``load client xN``: the floor: a pipelined LMTP client sending the messages from memory
+  on N connections, no POP3 at all.
+
+Each delivery is verified: the recipient's INBOX (or Lists) holds every Message-ID exactly
+once. Peak RSS is GNU time's ``%M``. The report is printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench import mailgen
+from devtools.dovecot import Dovecot, DovecotLmtp, MailUser
+
+__all__ = ["main"]
+
+REPO = Path(__file__).resolve().parents[1]
+SIEVE = 'require ["fileinto"];\nif header :contains "subject" "zzz-never" { fileinto "Lists"; }\n'
+_MSGID = re.compile(rb"(?im)^Message-ID:[ \t]*(<[^>\r\n]+>)")
+
+
+def _message_ids(server: DovecotLmtp, user: MailUser) -> Counter[bytes]:
+    found: Counter[bytes] = Counter()
+    for folder in (None, "Lists"):
+        for data in server.folder_messages(user, folder):
+            m = _MSGID.search(data)
+            found[m.group(1) if m else b"?"] += 1
+    return found
+
+
+def _timed(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
+    """Run under GNU time; return (wall seconds, exit code, peak RSS KiB)."""
+    with tempfile.NamedTemporaryFile("r") as out:
+        started = time.monotonic()
+        proc = subprocess.run(
+            ["/usr/bin/time", "-o", out.name, "-f", "%M", *argv],
+            env=env,
+            capture_output=True,
+            check=False,
+        )
+        wall = time.monotonic() - started
+        rss = int((out.read().strip().splitlines() or ["0"])[-1] or 0)
+    if proc.returncode not in (0, 1):
+        sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
+    return wall, proc.returncode, rss
+
+
+def _load_client(socket_path: Path, rcpt: str, messages: list[bytes], sessions: int) -> float:
+    """Deliver ``messages`` from memory on ``sessions`` pipelined LMTP connections."""
+
+    def one(share: list[bytes]) -> None:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(socket_path))
+            file = sock.makefile("rb")
+
+            def replies(count: int) -> None:
+                for _ in range(count):
+                    while True:
+                        line = file.readline()
+                        if line[3:4] != b"-":
+                            if not line.startswith((b"2", b"3")):
+                                raise RuntimeError(line)
+                            break
+
+            replies(1)
+            sock.sendall(b"LHLO load\r\n")
+            replies(1)
+            for msg in share:
+                body = re.sub(rb"(?m)^\.", b"..", msg)
+                sock.sendall(b"MAIL FROM:<>\r\nRCPT TO:<%s>\r\nDATA\r\n" % rcpt.encode())
+                replies(3)
+                sock.sendall(body + b".\r\n")
+                replies(1)
+            sock.sendall(b"QUIT\r\n")
+
+    shares = [messages[k::sessions] for k in range(sessions)]
+    threads = [threading.Thread(target=one, args=(s,)) for s in shares]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - started
+
+
+def _popsync_config(work: Path, dovecot: Dovecot, user: MailUser, target: str) -> Path:
+    lines = [
+        f'state_dir = "{work / "state"}"',
+        "[accounts.bench]",
+        f'host = "{dovecot.host}"',
+        f"port = {dovecot.pop3_port}",
+        'tls = "none"',
+        "allow_plaintext = true",
+        f'username = "{user.name}"',
+        f'password = "{user.password}"',
+        target,
+    ]
+    path = work / "popsync.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.lmtp")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    opts = parser.parse_args(argv)
+    box = mailgen.generate("a", quick=opts.quick)
+    want = Counter(m.group(1) for m in (_MSGID.search(x) for x in box.messages) if m)
+    root = Path(tempfile.mkdtemp(prefix="popsync-bench-lmtp-"))
+    root.chmod(0o711)
+    rows: dict[str, list[tuple[float, int]]] = {}
+    problems: list[str] = []
+    py = sys.executable
+    try:
+        with (
+            Dovecot(root / "pop3") as pop3,
+            DovecotLmtp(root / "lmtp", fsync=True) as lmtp,
+        ):
+            source = pop3.new_user("src")
+            pop3.deliver_many(source, box.messages)
+            lda = ["/usr/lib/dovecot/dovecot-lda", "-c", str(lmtp.config_file), "-d"]
+
+            def popsync(
+                label: str, target: str, sieve: bool = False
+            ) -> Callable[[MailUser], list[str]]:
+                def build(rcpt: MailUser) -> list[str]:
+                    if sieve:
+                        lmtp.set_sieve(rcpt, SIEVE)
+                    work = root / "work" / label.replace(" ", "-")
+                    shutil.rmtree(work, ignore_errors=True)
+                    work.mkdir(parents=True)
+                    text = target.format(rcpt=rcpt.name, sock=lmtp.socket_path, work=work)
+                    cfg = _popsync_config(work, pop3, source, text)
+                    return [py, "-m", "popsync", "--once", "-c", str(cfg)]
+
+                return build
+
+            def fetchmail(rcpt: MailUser) -> list[str]:
+                work = root / "work" / "fetchmail"
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True)
+                rc = work / "fetchmailrc"
+                rc.write_text(
+                    "set no syslog\n"
+                    f"poll {pop3.host} service {pop3.pop3_port} protocol pop3 uidl auth password\n"
+                    f'    user "{source.name}" there password "{source.password}"'
+                    f' is "{rcpt.name}" here keep\n'
+                    f"    sslproto '' lmtp smtphost \"{lmtp.socket_path}\""
+                    f' smtpname "{rcpt.name}@example.org"\n'
+                )
+                rc.chmod(0o600)
+                return [
+                    "fetchmail", "--silent", "--nodetach", f"--fetchmailrc={rc}",
+                    f"--idfile={work / 'ids'}", f"--pidfile={work / 'pid'}",
+                ]  # fmt: skip
+
+            def mpop(rcpt: MailUser) -> list[str]:
+                work = root / "work" / "mpop"
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True)
+                rc = work / "mpoprc"
+                rc.write_text(
+                    "defaults\ntls off\nauth user\nkeep on\naccount bench\n"
+                    f"host {pop3.host}\nport {pop3.pop3_port}\n"
+                    f"user {source.name}\npassword {source.password}\n"
+                    f"delivery mda {' '.join(lda)} {rcpt.name}\n"
+                    f"uidls_file {work / 'uidls'}\n"
+                )
+                rc.chmod(0o600)
+                return ["mpop", f"--file={rc}", "--quiet", "bench"]
+
+            lmtp_target = (
+                'deliver = "lmtp"\nlmtp = "unix:{sock}"\n'
+                'lmtp_recipient = "{rcpt}@example.org"\nlmtp_sessions = %d'
+            )
+            tools: dict[str, Callable[[MailUser], list[str]]] = {
+                "popsync lmtp x1": popsync("popsync lmtp x1", lmtp_target % 1),
+                "popsync lmtp x4": popsync("popsync lmtp x4", lmtp_target % 4),
+                "popsync lmtp x4 + sieve": popsync("p4s", lmtp_target % 4, sieve=True),
+                "popsync mda dovecot-lda": popsync(
+                    "pmda", f'deliver = "mda"\nmda = {[*lda, "{rcpt}"]!r}'.replace("'", '"')
+                ),
+                "popsync maildir": popsync("pmd", 'maildir = "{work}/Maildir"'),
+                "fetchmail --lmtp": fetchmail,
+                "mpop mda dovecot-lda": mpop,
+            }
+            for run in range(opts.runs):
+                for label, build in tools.items():
+                    rcpt = lmtp.new_user("b")
+                    argv_ = build(rcpt)
+                    wall, code, rss = _timed(argv_)
+                    if label == "popsync maildir":
+                        maildir = root / "work" / "pmd" / "Maildir" / "new"
+                        got = Counter(
+                            m.group(1)
+                            for m in (_MSGID.search(p.read_bytes()) for p in maildir.iterdir())
+                            if m
+                        )
+                    else:
+                        got = _message_ids(lmtp, rcpt)
+                    ok = got == want and code in (0, 1)
+                    if not ok:
+                        problems.append(f"{label} run {run}: exit {code}, {sum(got.values())} msgs")
+                    rows.setdefault(label, []).append((wall, rss))
+                    print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s, {rss} KiB, "
+                          f"{'OK' if ok else 'FAILED'}", flush=True)  # fmt: skip
+                for sessions in (1, 4):
+                    rcpt = lmtp.new_user("l")
+                    wall = _load_client(
+                        lmtp.socket_path, f"{rcpt.name}@example.org", box.messages, sessions
+                    )
+                    ok = _message_ids(lmtp, rcpt) == want
+                    label = f"load client x{sessions}"
+                    if not ok:
+                        problems.append(f"{label} run {run}")
+                    rows.setdefault(label, []).append((wall, 0))
+                    print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print()
+    print(f"scenario a: {len(box.messages)} messages, {box.total_bytes / 2**20:.1f} MiB")
+    print("| tool | median wall (s) | min-max (s) | peak RSS (MiB) |")
+    print("|---|---:|---:|---:|")
+    for label, values in rows.items():
+        walls = sorted(w for w, _ in values)
+        rss = max(r for _, r in values) / 1024
+        median = walls[len(walls) // 2]
+        rss_cell = f"{rss:.1f}" if rss else "-"
+        print(f"| {label} | {median:.2f} | {walls[0]:.2f}-{walls[-1]:.2f} | {rss_cell} |")
+    for problem in problems:
+        print("FAILED:", problem)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
