@@ -71,10 +71,10 @@ def _timed(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[floa
     return wall, proc.returncode, rss
 
 
-def _load_client(socket_path: Path, rcpt: str, messages: list[bytes], sessions: int) -> float:
+def _load_client(socket_path: Path, rcpt: str, messages: Sequence[bytes], sessions: int) -> float:
     """Deliver ``messages`` from memory on ``sessions`` pipelined LMTP connections."""
 
-    def one(share: list[bytes]) -> None:
+    def one(share: Sequence[bytes]) -> None:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(socket_path))
             file = sock.makefile("rb")
@@ -251,9 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---:|---:|---:|")
     for label, values in rows.items():
         walls = sorted(w for w, _ in values)
-        rss = max(r for _, r in values) / 1024
+        peak = max(r for _, r in values) / 1024
         median = walls[len(walls) // 2]
-        rss_cell = f"{rss:.1f}" if rss else "-"
+        rss_cell = f"{peak:.1f}" if peak else "-"
         print(f"| {label} | {median:.2f} | {walls[0]:.2f}-{walls[-1]:.2f} | {rss_cell} |")
     for problem in problems:
         print("FAILED:", problem)
