@@ -97,8 +97,9 @@ def test_metrics_match_what_the_daemon_did(
     assert value(got, "popsync_runs_total", account="alice", outcome="auth") == 0
     assert value(got, "popsync_runs_total", account="wrong", outcome="auth") == 1
     assert value(got, "popsync_messages_fetched_total", account="alice") == 2
+    # Bytes as fetched (CRLF on the wire); the files hold them with LF line ends.
     assert value(got, "popsync_fetched_bytes_total", account="alice") == sum(
-        p.stat().st_size for p in delivered
+        len(p.read_bytes().replace(b"\n", b"\r\n")) for p in delivered
     )
     assert value(got, "popsync_messages_deleted_total", account="alice") == 2
     assert value(got, "popsync_messages_too_large", account="alice") == 1
