@@ -16,7 +16,7 @@ from popsync.errors import ExitCode, NetworkError
 from popsync.seen import SeenStore
 from popsync.sync import RunResult, sync_account
 from tests.fake_pop3 import Drip, Expect, FakePop3Server, Send, StartTLS, Step
-from tests.synchelp import make_message, run_popsync, toml_config, write_config
+from tests.synchelp import make_message, run_popsync, stored_form, toml_config, write_config
 
 __all__: list[str] = []
 
@@ -147,7 +147,7 @@ def test_a_large_message_on_a_slow_link_still_arrives(tmp_path: Path, store: See
     server.check()
     assert result.outcome == "ok", result.error
     assert elapsed > 1.4  # longer than login_timeout, listing_timeout and low_speed_time
-    assert _maildir(tmp_path, "new") == [message]
+    assert _maildir(tmp_path, "new") == [stored_form(message)]
 
 
 def test_an_endless_listing_ends_at_listing_timeout(tmp_path: Path, store: SeenStore) -> None:
