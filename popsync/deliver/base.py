@@ -12,6 +12,7 @@ from typing import Protocol
 
 from popsync.errors import ExitCode, PopsyncError
 from popsync.maildir import LineEndings, Maildir, TmpMessage
+from popsync.textsafe import safe_text
 
 __all__ = [
     "Delivered",
@@ -28,15 +29,19 @@ __all__ = [
     "spool_dir",
 ]
 
-_UNSAFE = re.compile(r"[^\x20-\x7e]+")
 
+def sanitize(text: str | bytes, limit: int = 300, *, tail: bool = False) -> str:
+    """Foreign text (an LMTP reply, an MDA's stderr) made safe for one log line.
 
-def sanitize(text: str | bytes, limit: int = 300) -> str:
-    """Foreign text (a server reply, an MDA's stderr) made safe for one log line."""
+    `popsync.textsafe.safe_text` escapes control characters and scrubs secrets; ``tail``
+    keeps the end of a long text (where a command says what went wrong) instead of its start.
+    """
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    text = _UNSAFE.sub(" ", text).strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    text = text.strip()
+    if tail and len(text) > limit:
+        text = "..." + text[-limit:]
+    return safe_text(text, limit + 3)
 
 
 @dataclass(frozen=True, slots=True)

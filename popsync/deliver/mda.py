@@ -117,6 +117,6 @@ class MdaTarget(SpoolTarget):
                 return Delivered(f"mda:{item.uidl.hex()[:64]}")
             size = stderr.seek(0, os.SEEK_END)
             stderr.seek(max(0, size - STDERR_KEPT))
-            said = sanitize(stderr.read(), 500)
+            said = sanitize(stderr.read(), 500, tail=True)
         detail = f"MDA {argv[0]} {_describe(status)}" + (f": {said}" if said else "")
         return Temporary(detail) if status == EX_TEMPFAIL else _failed(detail)
