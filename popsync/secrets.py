@@ -125,8 +125,9 @@ def _secret_path(name: str, path: Path, env: Mapping[str, str]) -> tuple[Path, b
             raise _fail(
                 name,
                 "password_file",
-                f"relative path {str(path)!r} needs $CREDENTIALS_DIRECTORY (systemd "
-                "LoadCredential=); use an absolute path otherwise",
+                # Not shown: a relative "path" may well be a password put here by mistake.
+                "a relative name needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=); use "
+                "an absolute path otherwise",
             )
         path = Path(credentials) / path
     # resolve() follows symlinks, so a link out of the credentials directory is not trusted.
@@ -136,30 +137,33 @@ def _secret_path(name: str, path: Path, env: Mapping[str, str]) -> tuple[Path, b
 
 def _from_file(name: str, configured: Path, env: Mapping[str, str]) -> str:
     path, managed = _secret_path(name, configured, env)
+    # A relative name is never shown (it may be a password put here by mistake); an absolute
+    # path is, since a password rarely starts with "/" and the path is what a user must fix.
+    shown = str(path) if configured.is_absolute() else "the credential it names"
     try:
         # O_NONBLOCK: opening a FIFO by mistake must not hang the job; it is refused below.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as handle:
             mode = os.fstat(handle.fileno()).st_mode
             if not stat.S_ISREG(mode):
-                raise _fail(name, "password_file", f"{path} is not a regular file")
+                raise _fail(name, "password_file", f"{shown} is not a regular file")
             if mode & (stat.S_IRGRP | stat.S_IROTH) and not managed:
                 raise _fail(
                     name,
                     "password_file",
-                    f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
-                    f"run chmod 600 {path}",
+                    f"{shown} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                    f"run chmod 600 {shown if configured.is_absolute() else 'on it'}",
                 )
             data = handle.read(MAX_SECRET_BYTES + 1)
     except OSError as exc:
-        raise _fail(name, "password_file", f"cannot read {path}: {exc.strerror}") from None
+        raise _fail(name, "password_file", f"cannot read {shown}: {exc.strerror}") from None
     if len(data) > MAX_SECRET_BYTES:
-        raise _fail(name, "password_file", f"{path} is larger than {MAX_SECRET_BYTES} bytes")
-    text = _decode(name, "password_file", data, str(path))
+        raise _fail(name, "password_file", f"{shown} is larger than {MAX_SECRET_BYTES} bytes")
+    text = _decode(name, "password_file", data, shown)
     # Editors and `echo` add one newline; anything else is part of the secret.
     text = text.removesuffix("\n").removesuffix("\r")
     if not text:
-        raise _fail(name, "password_file", f"{path} is empty")
+        raise _fail(name, "password_file", f"{shown} is empty")
     return text
 
 

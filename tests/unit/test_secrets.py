@@ -99,9 +99,21 @@ def test_relative_password_file_without_credentials_directory() -> None:
     with pytest.raises(SecretError) as info:
         resolve_secret(make_account(password_file="work"), env={})
     assert problems(info) == [
-        "accounts.work.password_file: relative path 'work' needs $CREDENTIALS_DIRECTORY "
+        "accounts.work.password_file: a relative name needs $CREDENTIALS_DIRECTORY "
         "(systemd LoadCredential=); use an absolute path otherwise"
     ]
+
+
+@pytest.mark.parametrize("credentials", [None, "exists"])
+def test_password_put_in_password_file_is_not_echoed(
+    tmp_path: Path, credentials: str | None
+) -> None:
+    """A password mistaken for a relative file name stays out of the error, systemd or not."""
+    env = {} if credentials is None else {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    with pytest.raises(SecretError) as info:
+        resolve_secret(make_account(password_file="Hunter2-not-a-file"), env=env)
+    assert "Hunter2" not in str(info.value)
+    assert str(info.value).startswith("accounts.work.password_file: ")
 
 
 def test_missing_password_file(tmp_path: Path) -> None:
