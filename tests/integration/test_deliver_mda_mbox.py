@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import mailbox
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from devtools.dovecot import Dovecot, DovecotLmtp, MailUser
+from popsync.client import Pop3Client
 from popsync.errors import ExitCode
 from popsync.seen import SeenStore
 from popsync.sync import RunResult, sync_account
@@ -201,3 +204,56 @@ def _split_raw(raw: bytes) -> list[bytes]:
     # The split ate each separator line's LF but the last one.
     parts[-1] = parts[-1].removesuffix(b"\n")
     return [_unquote(part) for part in parts]
+
+
+@pytest.fixture
+def mbox_dovecot() -> Iterator[tuple[Dovecot, Path]]:
+    """A second Dovecot whose users' INBOX is ``<dir>/<user>.mbox`` (mail_location mbox:)."""
+    root = Path(tempfile.mkdtemp(prefix="popsync-mbox-dovecot-"))
+    root.chmod(0o711)
+    boxes, homes = root / "mboxes", root / "homes"
+    for where in (boxes, homes):
+        where.mkdir()
+        where.chmod(0o777)  # Dovecot's mail processes run as nobody under root
+    server = Dovecot(
+        root / "server",
+        extra_config=f"mail_location = mbox:{homes}/%u:INBOX={boxes}/%u.mbox\n",
+    )
+    try:
+        with server:
+            yield server, boxes
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_mbox_is_read_back_by_dovecot(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    mbox_dovecot: tuple[Dovecot, Path],
+    tmp_path: Path,
+    store: SeenStore,
+) -> None:
+    """Dovecot (mbox: mail_location) serves every corpus message, byte-exact after unquoting."""
+    reader, boxes = mbox_dovecot
+    messages = [CORPUS[name]() for name in CORPUS]
+    messages.append(b"Subject: from lines\r\n\r\nFrom here\r\n>From there\r\n")
+    dovecot.deliver_many(mail_user, messages)
+    path = boxes / "reader.mbox"
+    result = _sync(dovecot, mail_user, tmp_path, store, deliver="mbox", mbox=str(path))
+    assert result.outcome == "ok", result.error
+    path.chmod(0o666)
+    client = Pop3Client.connect(reader.host, reader.pop3_port, tls="none", timeout=10)
+    try:
+        client.login("reader", reader.password, mechanism="user", allow_plaintext=True)
+        count = client.stat()[0]
+        served_back = []
+        for msgnum in range(1, count + 1):
+            sink = io.BytesIO()
+            client.retr_into(msgnum, sink)
+            served_back.append(_unquote(sink.getvalue()))
+        client.quit()
+    finally:
+        client.close()
+    # Dovecot serves CRLF; compare with the served originals, converted once to LF and back.
+    expected = [served(m).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") for m in messages]
+    assert_exactly_once(served_back, expected, line_endings="crlf")
