@@ -23,6 +23,7 @@ from tests.synchelp import (
     maildir_messages,
     make_message,
     run_popsync,
+    stored_form,
     write_config,
 )
 
@@ -105,7 +106,7 @@ def test_auto_over_clear_text_uses_scram(
     result, logs = _run(_account(dovecot, mail_user, tmp_path, **_clear_text(dovecot)), store)
     assert result.outcome == "ok", result.error
     assert _login_methods(dovecot, mail_user, 1) == ["SCRAM-SHA-256"]
-    assert maildir_messages(tmp_path / "Maildir") == [message]
+    assert maildir_messages(tmp_path / "Maildir") == [stored_form(message)]
     assert not [e for e in logs if e["log_level"] == "warning"]
 
 
@@ -118,7 +119,7 @@ def test_scram_over_tls_is_verified_and_logged(
     result, _ = _run(_account(dovecot, mail_user, tmp_path, auth="scram-sha-256"), store)
     assert result.outcome == "ok", result.error
     assert _login_methods(dovecot, mail_user, 1) == ["SCRAM-SHA-256"]
-    assert maildir_messages(tmp_path / "Maildir") == [message]
+    assert maildir_messages(tmp_path / "Maildir") == [stored_form(message)]
 
 
 def test_scram_wrong_password_is_an_auth_failure(
@@ -175,7 +176,7 @@ def test_explicit_user_over_clear_text_logs_in_with_one_warning(
         "PLAIN",
         "PLAIN",
     ]  # USER/PASS, as Dovecot logs it
-    assert maildir_messages(tmp_path / "Maildir") == [message]
+    assert maildir_messages(tmp_path / "Maildir") == [stored_form(message)]
 
 
 def test_cli_once_names_the_fix_and_exits_78(plain_only: Dovecot, tmp_path: Path) -> None:
