@@ -3,7 +3,8 @@
 :func:`check_config_file` reports, in one list: every key error of the file
 (:func:`popsync.config.load_config`), and for every account even when some other key of it
 is invalid, every secret source (file readable and private, variable set, command
-executable), every CA bundle, and every Maildir (or the directory it will be created in)
+executable; for an ``oauth2_provider`` account a stored token and a readable client secret
+file), every CA bundle, and every Maildir (or the directory it will be created in)
 and the state directory, writable by the user running the check. Each problem is one line
 that starts with its key, and each line appears once.
 """
@@ -38,6 +39,8 @@ def check_config_file(
     for name, keys in tables.items():
         problems += _account_problems(name, keys, env)
     state_dir = config.state_dir if config is not None else _raw_state_dir(path)
+    if config is not None:
+        problems += _oauth2_problems(config)
     if state_dir is not None:
         problem = directory_problem(state_dir, create=True)
         if problem:
@@ -67,6 +70,18 @@ def _account_problems(
         if problem:
             problems.append(f"accounts.{name}.maildir: {problem}")
     return problems
+
+
+def _oauth2_problems(config: Config) -> list[str]:
+    """Accounts with oauth2_provider: a readable client secret file and a stored token."""
+    from popsync.oauth2 import check_account
+
+    return [
+        f"accounts.{name}: {problem}"
+        for name, account in config.accounts.items()
+        if account.oauth2_provider is not None
+        for problem in check_account(account, config.state_dir)
+    ]
 
 
 def _absolute(value: object) -> Path | None:

@@ -162,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
                 help="how old the last run may be, e.g. 300, 5m, 1h (default: 3 x the longest "
                 "interval + 60 s)",
             )
+    oauth2 = sub.add_parser(
+        "oauth2",
+        help="built-in OAuth2: log an account in once (its refresh token is kept in state_dir)",
+        description="Built-in OAuth2 for accounts with oauth2_provider set.",
+    )
+    actions = oauth2.add_subparsers(dest="oauth2_command", metavar="ACTION", required=True)
+    login = actions.add_parser(
+        "login",
+        help="obtain and store the account's first refresh token",
+        description="Microsoft and custom providers with oauth2_device_url: prints a URL and a "
+        "code to enter there (device login, RFC 8628). Google and custom providers with "
+        "oauth2_auth_url: prints a URL to open in a browser on this machine and waits for "
+        "its redirect to 127.0.0.1 (PKCE, RFC 8252). Run it as the user the daemon runs as.",
+    )
+    _common(login, top=False)
+    login.add_argument("account", metavar="ACCOUNT", help="the account's name in the config")
     return parser
 
 
@@ -412,13 +428,20 @@ def _one_account(config: Config, name: str) -> Account:
     return _select(config, [name])[0]
 
 
-def _secret(account: Account) -> str:
-    """The account's secret; from now on scrubbed, in every form it is sent, from output."""
+def _secret(account: Account, state_dir: Path) -> str:
+    """The account's secret (for an oauth2_provider account a valid access token, refreshed
+    if need be); from now on scrubbed, in every form it is sent, from output."""
     from popsync.pop3.sasl import credential_forms
-    from popsync.secrets import resolve_secret
     from popsync.textsafe import add_secrets
 
-    secret = resolve_secret(account)
+    if account.oauth2_provider is not None:
+        from popsync.oauth2 import access_token
+
+        secret = access_token(account, state_dir)
+    else:
+        from popsync.secrets import resolve_secret
+
+        secret = resolve_secret(account)
     add_secrets(credential_forms(account.username, secret, host=account.host, port=account.port))
     return secret
 
@@ -439,7 +462,7 @@ def _test_accounts(config: Config, names: Sequence[str], args: argparse.Namespac
         steps: list[str] = []
         code = ExitCode.OK
         try:
-            _test_one(account, steps)
+            _test_one(account, steps, config.state_dir)
         except ConfigError as exc:
             code = exc.exit_code
             for problem in exc.problems:
@@ -458,7 +481,7 @@ def _one_line(exc: BaseException) -> str:
     return clean_text(str(exc).replace("\n", "; ") or type(exc).__name__, 500)
 
 
-def _test_one(account: Account, steps: list[str]) -> None:
+def _test_one(account: Account, steps: list[str], state_dir: Path) -> None:
     """Log in step by step, printing each; ``steps`` says how far it got when it fails."""
     from popsync.session import clean_text, open_session
 
@@ -466,7 +489,7 @@ def _test_one(account: Account, steps: list[str]) -> None:
         steps.append(step)
         _say(sys.stdout, f"  {step + ':':<24} {text}")
 
-    secret = _secret(account)
+    secret = _secret(account, state_dir)
     client = open_session(account, secret, report=report)
     try:
         report("logged in", "ok")
@@ -484,7 +507,7 @@ def _ls(args: argparse.Namespace) -> ExitCode:
     config = _load(args)
     account = _one_account(config, args.account_name)
     entries = read_entries(config.state_dir / "popsync.sqlite3", account.name)
-    rows = list_mailbox(account, _secret(account), entries, headers=args.headers)
+    rows = list_mailbox(account, _secret(account, config.state_dir), entries, headers=args.headers)
     if args.json:
         _say(sys.stdout, json.dumps([row.as_dict() for row in rows], indent=2))
         return ExitCode.OK
@@ -515,7 +538,7 @@ def _mark_seen(args: argparse.Namespace) -> ExitCode:
     store = open_store(config)
     try:
         with store.lock(account.name):
-            client = open_session(account, _secret(account))
+            client = open_session(account, _secret(account, config.state_dir))
             try:
                 uidls, sizes = client.listings()
                 client.quit()
@@ -544,7 +567,7 @@ def _dry_run(args: argparse.Namespace) -> ExitCode:
     for account in _select(config, args.account):
         try:
             entries = read_entries(config.state_dir / "popsync.sqlite3", account.name)
-            plan = dry_run(account, _secret(account), entries, time.time())
+            plan = dry_run(account, _secret(account, config.state_dir), entries, time.time())
         except Exception as exc:  # report it and go on with the next account
             code = classify_error(exc, during_login=True)
             codes.append(code)
@@ -596,6 +619,20 @@ def _import_state(args: argparse.Namespace) -> ExitCode:
     return ExitCode.OK
 
 
+def _oauth2_login(args: argparse.Namespace) -> ExitCode:
+    from popsync.oauth2 import login
+
+    config = _load(args)
+    [account] = _select(config, [args.account])
+    if account.oauth2_provider is None:
+        raise ConfigError(
+            [f"accounts.{account.name}: no oauth2_provider set; nothing to log in to"]
+        )
+    path = login(account, config.state_dir, sys.stdout)
+    _say(sys.stdout, f"{account.name}: logged in; refresh token stored in {path}")
+    return ExitCode.OK
+
+
 def _daemon(args: argparse.Namespace) -> ExitCode:
     from popsync.daemon import run_daemon
 
@@ -611,6 +648,8 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
         return _status(args)
     if args.command == "healthcheck":
         return _healthcheck(args)
+    if args.command == "oauth2":
+        return _oauth2_login(args)
     commands = {"test": _test, "ls": _ls, "mark-seen": _mark_seen, "import-state": _import_state}
     if args.command in commands:
         return commands[args.command](args)

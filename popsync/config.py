@@ -45,6 +45,7 @@ __all__ = [
     "LineEndings",
     "LogFormat",
     "LogLevel",
+    "OAuth2Provider",
     "Pipelining",
     "TlsMode",
     "TraceHeader",
@@ -75,9 +76,23 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LineEndings = Literal["lf", "crlf"]
 DeliverTo = Literal["maildir", "lmtp", "mda", "mbox"]
 TraceHeader = Literal["received", "delivered-to", "x-popsync-uidl"]
+OAuth2Provider = Literal["google", "microsoft", "custom"]
 
-#: Exactly one of these supplies an account's password or token.
+#: Exactly one of these supplies an account's password or token (or oauth2_provider does).
 SECRET_KEYS = ("password", "password_file", "password_command", "password_env")
+#: Keys of the built-in OAuth2 (popsync.oauth2); all but the provider need oauth2_provider.
+OAUTH2_KEYS = (
+    "oauth2_provider",
+    "oauth2_client_id",
+    "oauth2_client_secret_file",
+    "oauth2_tenant",
+    "oauth2_scope",
+    "oauth2_token_url",
+    "oauth2_device_url",
+    "oauth2_auth_url",
+)
+_OAUTH2_MECHANISMS = ("xoauth2", "oauthbearer")
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 MIN_INTERVAL = 10.0
 DEFAULT_PORTS: Mapping[str, int] = {"implicit": 995, "starttls": 110, "none": 110}
@@ -223,6 +238,14 @@ class Account(BaseModel):
     password_file: SecretPath | None = None
     password_command: str | None = None
     password_env: str | None = None
+    oauth2_provider: OAuth2Provider | None = None
+    oauth2_client_id: NonEmptyStr | None = None
+    oauth2_client_secret_file: SecretPath | None = None
+    oauth2_tenant: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]{1,100}$")] | None = None
+    oauth2_scope: NonEmptyStr | None = None
+    oauth2_token_url: str | None = None
+    oauth2_device_url: str | None = None
+    oauth2_auth_url: str | None = None
     auth: AuthMechanism = "auto"
     deliver: DeliverTo = "maildir"
     maildir: AbsolutePath | None = None
@@ -338,6 +361,13 @@ class Account(BaseModel):
             )
         return value
 
+    @field_validator("oauth2_token_url", "oauth2_device_url", "oauth2_auth_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_endpoint(value)
+        return value
+
     @field_validator("interval")
     @classmethod
     def _check_interval(cls, value: float) -> float:
@@ -367,15 +397,75 @@ class Account(BaseModel):
         return next((key for key in SECRET_KEYS if getattr(self, key) is not None), "")
 
 
+def _check_endpoint(value: str) -> None:
+    """An OAuth2 endpoint: https, or http to a loopback address (a local test server)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS:
+        return
+    raise ValueError(f"must be an https:// URL (got {value!r})")
+
+
+def _oauth2_problems(account: Account) -> list[tuple[str, str]]:
+    """Rules for the built-in OAuth2 keys."""
+    provider = account.oauth2_provider
+    if provider is None:
+        return [
+            (key, "only allowed with oauth2_provider")
+            for key in OAUTH2_KEYS[1:]
+            if getattr(account, key) is not None
+        ]
+    problems: list[tuple[str, str]] = []
+    if account.auth not in _OAUTH2_MECHANISMS:
+        problems.append(
+            (
+                "auth",
+                f'must be "xoauth2" or "oauthbearer" with oauth2_provider (got "{account.auth}")',
+            )
+        )
+    if account.oauth2_client_id is None:
+        problems.append(("oauth2_client_id", "required with oauth2_provider"))
+    if account.oauth2_tenant is not None and provider != "microsoft":
+        problems.append(("oauth2_tenant", 'only allowed with oauth2_provider = "microsoft"'))
+    urls = ("oauth2_token_url", "oauth2_device_url", "oauth2_auth_url")
+    if provider != "custom":
+        problems += [
+            (key, 'only allowed with oauth2_provider = "custom"')
+            for key in urls
+            if getattr(account, key) is not None
+        ]
+        return problems
+    if account.oauth2_token_url is None:
+        problems.append(("oauth2_token_url", 'required with oauth2_provider = "custom"'))
+    if account.oauth2_device_url is None and account.oauth2_auth_url is None:
+        problems.append(
+            (
+                "oauth2_device_url",
+                "set it (device login) or oauth2_auth_url (browser login) with oauth2_provider "
+                '= "custom"',
+            )
+        )
+    return problems
+
+
 def _account_problems(account: Account) -> list[tuple[str, str]]:
     """Rules that involve more than one key of an account."""
     problems: list[tuple[str, str]] = []
     sources = [key for key in SECRET_KEYS if getattr(account, key) is not None]
-    if not sources:
-        problems.append(("", f"set one of {', '.join(SECRET_KEYS)}"))
+    if account.oauth2_provider is not None:
+        problems += [
+            (key, "conflicts with oauth2_provider: popsync obtains the token itself")
+            for key in sources
+        ]
+    elif not sources:
+        problems.append(("", f"set one of {', '.join(SECRET_KEYS)} (or oauth2_provider)"))
     problems += [
         (extra, f"conflicts with {sources[0]}: set only one of them") for extra in sources[1:]
     ]
+    problems += _oauth2_problems(account)
     if account.tls == "none" and not account.allow_plaintext:
         problems.append(
             ("tls", '"none" sends everything unencrypted; set allow_plaintext = true to allow it')
@@ -624,9 +714,12 @@ def _check_keys(
 def _merge(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
     """Apply [defaults] under an account's own keys."""
     inherited = dict(defaults)
-    if any(key in own for key in SECRET_KEYS):
+    if any(key in own for key in (*SECRET_KEYS, "oauth2_provider")):
         # An account choosing its own secret source replaces the default one, not adds to it.
         for key in SECRET_KEYS:
+            inherited.pop(key, None)
+    if any(key in own for key in SECRET_KEYS) and "oauth2_provider" not in own:
+        for key in OAUTH2_KEYS:
             inherited.pop(key, None)
     merged = {**inherited, **own}
     # [defaults] may name a Maildir while one account delivers by LMTP: keys inherited for

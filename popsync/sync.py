@@ -719,7 +719,6 @@ def sync_account(
     the account's secret, in every form it is sent, scrubbed for the rest of the run.
     """
     from popsync.config import CLEARTEXT_AUTH
-    from popsync.secrets import resolve_secret
 
     log = structlog.get_logger("popsync.sync").bind(account=account.name, host=account.host)
     result = RunResult(account=account.name, started=clock())
@@ -737,7 +736,10 @@ def sync_account(
             if debris:
                 log.info("removed tmp/ debris of an interrupted run", count=len(debris))
             target.spool.cleanup_tmp(())
-            secret = (secret_resolver or resolve_secret)(account)
+            if secret_resolver is not None:
+                secret = secret_resolver(account)
+            else:
+                secret = _secret(account, store)
             add_secrets(
                 credential_forms(account.username, secret, host=account.host, port=account.port)
             )
@@ -771,6 +773,20 @@ def sync_account(
     except Exception as exc:  # a full disk must not hide the outcome
         log.error("could not record run", error=str(exc))
     return result
+
+
+def _secret(account: Account, store: SeenStore) -> str:
+    """The password, or with oauth2_provider a valid access token (refreshed if need be).
+
+    Called with the account's lock held, so one process at a time refreshes its token.
+    """
+    if account.oauth2_provider is not None:
+        from popsync.oauth2 import access_token
+
+        return access_token(account, store.path.parent)
+    from popsync.secrets import resolve_secret
+
+    return resolve_secret(account)
 
 
 def _record(result: RunResult, finished: float) -> RunRecord:

@@ -51,6 +51,14 @@ def test_minimal_account_gets_every_default() -> None:
         "password_file": None,
         "password_command": None,
         "password_env": "POP_PW",
+        "oauth2_provider": None,
+        "oauth2_client_id": None,
+        "oauth2_client_secret_file": None,
+        "oauth2_tenant": None,
+        "oauth2_scope": None,
+        "oauth2_token_url": None,
+        "oauth2_device_url": None,
+        "oauth2_auth_url": None,
         "auth": "auto",
         "maildir": Path("/srv/mail/work"),
         "delete": "never",
@@ -242,7 +250,8 @@ def test_missing_keys_and_secret_source() -> None:
         "accounts.a.username: missing required key",
         "accounts.a.maildir: missing required key",
         "accounts.b.name: not allowed; the account name is the table's key",
-        "accounts.b: set one of password, password_file, password_command, password_env",
+        "accounts.b: set one of password, password_file, password_command, password_env "
+        "(or oauth2_provider)",
         'accounts.b.delete_after_days: required with delete = "after_days"',
     ]
 
@@ -476,7 +485,8 @@ def test_example_config_loads_and_documents_every_key() -> None:
     config = parse_config(text, "config.example.toml")
     assert len(config.accounts) >= 3
     assert {a.tls for a in config.accounts.values()} >= {"implicit", "starttls"}
-    assert any(a.auth == "xoauth2" and a.password_command for a in config.accounts.values())
+    assert any(a.auth == "xoauth2" and a.oauth2_provider for a in config.accounts.values())
+    assert "oauth2-token" not in text  # a helper that never existed
     keys = set(Account.model_fields) - {"name"}
     keys |= {"state_dir", "max_workers", "log_format", "log_level", "metrics_listen"}
     missing = {key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)}

@@ -147,7 +147,7 @@ def test_fence_detects_violations(tmp_path: Path) -> None:
 
 #: Heavy optional libraries, each owned by one module that imports it only inside functions,
 #: so `popsync --once` and the admin commands never pay for them (start-up time matters).
-LAZY_OWNERS = {"prometheus_client": "metrics.py"}
+LAZY_OWNERS = {"prometheus_client": "metrics.py", "authlib": "oauth2.py", "httpx2": "oauth2.py"}
 
 
 def _module_level_imports(path: Path) -> set[str]:
@@ -164,7 +164,7 @@ def _module_level_imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("path", _package_modules(), ids=_rel)
 def test_heavy_libraries_are_imported_lazily_by_their_owner(path: Path) -> None:
-    """prometheus_client is imported only by its owner module, and only inside functions."""
+    """prometheus_client, authlib and httpx2 are imported only by their owner, inside functions."""
     for library, owner in LAZY_OWNERS.items():
         if _rel(path) != owner:
             assert library not in top_level_imports(path)
@@ -176,6 +176,7 @@ def test_cold_start_imports_none_of_the_heavy_libraries() -> None:
     code = (
         "import sys\n"
         "import popsync.cli, popsync.daemon, popsync.sync, popsync.config, popsync.metrics\n"
+        "import popsync.oauth2\n"
         f"print(sorted(m for m in {sorted(LAZY_OWNERS)!r} if m in sys.modules))\n"
     )
     result = subprocess.run(
