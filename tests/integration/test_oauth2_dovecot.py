@@ -41,7 +41,7 @@ pytestmark = pytest.mark.dovecot
 
 #: Access-token lifetimes: a short one that really runs out during a test, and the one a
 #: login gets, long enough that a slow machine's next run still finds it fresh.
-LIFETIME = 3.0
+LIFETIME = 5.0
 LOGIN_LIFETIME = 60.0
 
 
@@ -197,7 +197,7 @@ def test_device_login_then_xoauth2_sync_uses_cache_then_refreshes_after_expiry(
     check = run_popsync(["check-config", "-c", str(config)])
     assert check.returncode == 0, check.stderr
 
-    # From now on access tokens live 3 s. A refresh (forced) yields one, which then runs out.
+    # Access tokens live 5 s now. A refresh (forced) yields one, which then runs out.
     auth_server.access_lifetime = LIFETIME
     _expire(tmp_path, "work")
     run = run_popsync(["--once", "-c", str(config)])
@@ -206,6 +206,7 @@ def test_device_login_then_xoauth2_sync_uses_cache_then_refreshes_after_expiry(
     short = _stored(tmp_path, "work")
     time.sleep(LIFETIME + 0.5)
     assert not auth_server.access_valid(str(short["access_token"]))  # Dovecot would refuse it
+    auth_server.access_lifetime = LOGIN_LIFETIME  # the next one must outlive the checks below
     oauth_dovecot.deliver(user, make_message(2))
     run = run_popsync(["--once", "-c", str(config)])
     assert run.returncode == 0, run.stderr
