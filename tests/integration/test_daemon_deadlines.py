@@ -204,6 +204,7 @@ def test_watchdog_is_not_fed_while_no_run_makes_progress(
     notify_socket.wait("READY")
     withheld = daemon.wait_for(ev("no run makes progress; withholding watchdog pings"))
     assert withheld["stalled"] == ["stuck"]
+    assert notify_socket.having("WATCHDOG"), "fed while the run was still young"
     daemon.wait_for(ev("runs make progress again; watchdog pings resume"), timeout=10)
     failed = daemon.wait_for(ev("sync failed", account="stuck"))
     assert "connection refused" in failed["error"]
@@ -213,7 +214,6 @@ def test_watchdog_is_not_fed_while_no_run_makes_progress(
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     # Longer than WATCHDOG_USEC = 1 s: systemd would have restarted this daemon.
     assert max(gaps) > 2.0
-    assert sum(1 for gap in gaps if gap > 1.0) == 1  # only while the run was stuck
     assert daemon.stop()[0] == 0
     _assert_clean_log(daemon)
 
