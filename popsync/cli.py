@@ -287,10 +287,16 @@ def _setup_logging(config: Config, args: argparse.Namespace, *, quiet_on_tty: bo
 
 
 def open_store(config: Config) -> SeenStore:
-    """Open the seen-store in the config's state directory."""
+    """Open the seen-store in the config's state directory, adopting pre-v2 rows by label."""
     from popsync.seen import SeenStore
 
-    return SeenStore.open(config.state_dir / "popsync.sqlite3")
+    store = SeenStore.open(config.state_dir / "popsync.sqlite3")
+    try:
+        store.adopt_labels({name: a.mailbox for name, a in config.accounts.items()})
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 # ----------------------------------------------------------------------------- --once
@@ -506,7 +512,7 @@ def _ls(args: argparse.Namespace) -> ExitCode:
 
     config = _load(args)
     account = _one_account(config, args.account_name)
-    entries = read_entries(config.state_dir / "popsync.sqlite3", account.name)
+    entries = read_entries(config.state_dir / "popsync.sqlite3", account.mailbox)
     rows = list_mailbox(account, _secret(account, config.state_dir), entries, headers=args.headers)
     if args.json:
         _say(sys.stdout, json.dumps([row.as_dict() for row in rows], indent=2))
@@ -537,7 +543,7 @@ def _mark_seen(args: argparse.Namespace) -> ExitCode:
     account = _one_account(config, args.account_name)
     store = open_store(config)
     try:
-        with store.lock(account.name):
+        with store.lock(account.mailbox, account.name):
             client = open_session(account, _secret(account, config.state_dir))
             try:
                 uidls, sizes = client.listings()
@@ -545,7 +551,7 @@ def _mark_seen(args: argparse.Namespace) -> ExitCode:
             finally:
                 client.close()
             listing = [(n, u, sizes.get(n)) for n, u in uidls]
-            marked = mark_seen(store, account.name, listing, time.time())
+            marked = mark_seen(store, account.mailbox, listing, time.time())
     finally:
         store.close()
     _say(
@@ -566,7 +572,7 @@ def _dry_run(args: argparse.Namespace) -> ExitCode:
     codes = []
     for account in _select(config, args.account):
         try:
-            entries = read_entries(config.state_dir / "popsync.sqlite3", account.name)
+            entries = read_entries(config.state_dir / "popsync.sqlite3", account.mailbox)
             plan = dry_run(account, _secret(account, config.state_dir), entries, time.time())
         except Exception as exc:  # report it and go on with the next account
             code = classify_error(exc, during_login=True)
@@ -611,7 +617,7 @@ def _import_state(args: argparse.Namespace) -> ExitCode:
     account = _one_account(config, args.import_account)
     store = open_store(config)
     try:
-        with store.lock(account.name):
+        with store.lock(account.mailbox, account.name):
             report = import_state(args.format, args.file, account, store)
     finally:
         store.close()

@@ -104,7 +104,14 @@ class NoSafeMechanism(PlaintextRefused, PopsyncError):
 
 
 class MessageTooLarge(Pop3Error):
-    """A message grew past ``max_size``; the connection was closed (RETR cannot be aborted)."""
+    """A message grew past ``max_size``; the connection was closed (RETR cannot be aborted).
+
+    ``received`` is how many octets had arrived when it was cut off (a lower bound).
+    """
+
+    def __init__(self, message: str, received: int = 0) -> None:
+        super().__init__(message)
+        self.received = received
 
 
 class ConnectionLost(NetworkError):
@@ -334,7 +341,8 @@ class Pop3Client:
                     total += len(event.data)
                     if max_size is not None and total > max_size:
                         raise MessageTooLarge(
-                            f"{self._where}: message is larger than the {max_size}-octet limit"
+                            f"{self._where}: message is larger than the {max_size}-octet limit",
+                            received=total,
                         )
                     write(event.data)
                 elif isinstance(event, NeedData):

@@ -272,6 +272,7 @@ class Account(BaseModel):
     pipelining: Annotated[Pipelining, BeforeValidator(_on_off)] = "auto"
     allow_uidl_reset: bool = False
     first_run: FirstRun = "fetch"
+    forget_after: Duration = 30 * 86400.0
     enabled: bool = True
 
     @model_validator(mode="before")
@@ -377,6 +378,13 @@ class Account(BaseModel):
             )
         return value
 
+    @field_validator("forget_after")
+    @classmethod
+    def _check_forget_after(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(f"must not be negative (got {format_duration(value)})")
+        return value
+
     @field_validator("timeout", "login_timeout", "listing_timeout", "low_speed_time")
     @classmethod
     def _check_timeout(cls, value: float) -> float:
@@ -390,6 +398,11 @@ class Account(BaseModel):
         if problems:
             raise _checks_failed(problems)
         return self
+
+    @property
+    def mailbox(self) -> str:
+        """The seen-store's key: the server's mailbox (user@host), not this account's label."""
+        return f"{self.username}@{self.host.lower().rstrip('.')}"
 
     @property
     def secret_source(self) -> str:
@@ -572,7 +585,7 @@ class Config(_Settings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Self:
-        problems = _no_accounts(self.accounts) + _shared_maildirs(self.accounts)
+        problems = _no_accounts(self.accounts) + _shared_mailboxes(self.accounts)
         if problems:
             raise _checks_failed(problems)
         return self
@@ -584,20 +597,18 @@ def _no_accounts(accounts: Mapping[str, object]) -> list[tuple[str, str]]:
     return [("accounts", "no accounts configured; add at least one [accounts.NAME] table")]
 
 
-def _shared_maildirs(accounts: Mapping[str, Account]) -> list[tuple[str, str]]:
-    """No two accounts may fill one Maildir from one mailbox: each would deliver every message."""
+def _shared_mailboxes(accounts: Mapping[str, Account]) -> list[tuple[str, str]]:
+    """No two accounts may name one mailbox: they would share one seen-store record and lock."""
     problems: list[tuple[str, str]] = []
-    first: dict[tuple[str, str, str], str] = {}
+    first: dict[str, str] = {}
     for name, account in accounts.items():
-        destination = account.maildir or account.mbox or account.lmtp_recipient or account.mda
-        key = (account.host.lower(), account.username, str(destination))
+        key = account.mailbox
         if key in first:
             problems.append(
                 (
                     _path(["accounts", name]),
-                    f"same host, username and {account.deliver} as "
-                    f"{_path(['accounts', first[key]])}: "
-                    "both would download the same messages",
+                    f"same host and username as {_path(['accounts', first[key]])}: popsync keeps"
+                    " one record per mailbox; configure it once",
                 )
             )
         else:
@@ -843,7 +854,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     defaults = _check_keys(["defaults"], _table(data, "defaults", problems), problems)
     tables = _table(data, "accounts", problems)
     accounts = _validate_accounts(tables, defaults, problems)
-    checks = _no_accounts(tables) + _shared_maildirs(accounts)
+    checks = _no_accounts(tables) + _shared_mailboxes(accounts)
     problems += [f"{where}: {message}" for where, message in checks]
     if problems or settings is None:
         raise ConfigError(problems)

@@ -202,7 +202,12 @@ class Daemon:
 
         host, port = parse_listen(listen)
         store = self.store
-        metrics = Metrics(store.count)  # a count, not every row: stores hold millions
+
+        def seen_entries(name: str) -> int:  # a count, not every row: stores hold millions
+            account = self.config.accounts.get(name)
+            return 0 if account is None else store.count(account.mailbox)
+
+        metrics = Metrics(seen_entries)
         try:
             metrics.serve(host, port)
         except OSError as exc:

@@ -212,12 +212,12 @@ def import_state(
             wanted[uidl.encode("utf-8")] = None
         else:
             report.ignored[f"{user}@{host}" if host else path.name] += 1
-    known = store.entries(account.name)
+    known = store.entries(account.mailbox)
     fresh = [uidl for uidl in wanted if uidl not in known]
     report.known = len(wanted) - len(fresh)
     if fresh:
         store.mark_delivered(
-            account.name, [(uidl, "") for uidl in fresh], time.time() if now is None else now
+            account.mailbox, [(uidl, "") for uidl in fresh], time.time() if now is None else now
         )
     report.imported = len(fresh)
     return report

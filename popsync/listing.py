@@ -13,8 +13,10 @@ So a run never holds a tuple per listed message nor an entry object per seen row
   rows whose UIDL is not listed go into a second dict.
 
 Pure: no I/O, no clock; `popsync.sync` builds both from `popsync.client.Pop3Client.listings`
-and `popsync.seen.SeenStore.delivered_times` / ``other_rows``. If the planner comes to read
-more of an entry than ``state`` and ``delivered_at``, `SeenView` must keep that too.
+and `popsync.seen.SeenStore.delivered_times` / ``other_rows``. The planner reads ``state``,
+``delivered_at``, ``deleted_at``, ``vanished_at``, ``absent_runs`` and (for too_large rows)
+``size``: plain delivered rows have constants for all but the time; any row that differs is
+read whole.
 """
 
 from __future__ import annotations
@@ -108,13 +110,19 @@ class Listing(Sequence[ListingItem]):
 
 
 class _Delivered:
-    """A delivered row as the planner sees it (`popsync.plan.EntryLike`).
+    """A plain delivered row as the planner sees it (`popsync.plan.EntryLike`).
 
     One object per distinct delivery time, shared by every row delivered in the same batch.
+    Plain: `popsync.seen.SeenStore.delivered_times` returns only rows neither deleted nor
+    vanished, so those fields are constants here (and the size, read only for too_large rows).
     """
 
     __slots__ = ("delivered_at",)
     state = "delivered"
+    size = None
+    deleted_at = None
+    vanished_at = None
+    absent_runs = 0
 
     def __init__(self, delivered_at: float) -> None:
         self.delivered_at = delivered_at

@@ -12,6 +12,14 @@ Invariants (the product's promises, in order of importance):
   number, and never DELEd: we cannot tell which copy the server would remove.
 - A UIDL reset (the server renumbered every message) is detected and, unless the account allows
   it, stops the run from fetching, deleting or forgetting anything.
+- A message bigger than ``max_message_size`` is never fetched and never deleted: it is returned
+  in ``too_large`` once, to be recorded as *too_large*; a recorded one is fetched as soon as the
+  limit allows it (the user raised it).
+- Forgetting is slow: a UIDL missing from the listing is only *noted absent* (``absent``); it is
+  forgotten once it has been absent for ``forget_after`` seconds AND ``forget_min_listings``
+  consecutive complete listings. A vanished UIDL that comes back is not fetched again
+  (``reappeared``). An empty or sharply shrunken listing (`shrink_suspected`) notes nothing
+  absent and forgets nothing.
 """
 
 from __future__ import annotations
@@ -21,15 +29,20 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 __all__ = [
+    "FORGET_AFTER",
+    "FORGET_MIN_LISTINGS",
     "RESET_MIN_DELIVERED",
     "RESET_MISSING_RATIO",
     "RESET_UNKNOWN_RATIO",
+    "SHRINK_MIN_LOST",
+    "SHRINK_RATIO",
     "DeletePolicy",
     "EntryLike",
     "ListingItem",
     "Plan",
     "Policy",
     "plan_sync",
+    "show_uidl",
 ]
 
 DeletePolicy = Literal["never", "after_delivery", "after_days"]
@@ -43,6 +56,14 @@ RESET_MISSING_RATIO = 0.9
 RESET_UNKNOWN_RATIO = 0.5
 
 _DAY = 86400.0
+#: A UIDL is forgotten after this long absent (the ``forget_after`` default) ...
+FORGET_AFTER = 30 * _DAY
+#: ... and this many consecutive complete listings without it.
+FORGET_MIN_LISTINGS = 3
+#: A listing that lacks at least SHRINK_MIN_LOST known UIDLs and shrank to SHRINK_RATIO or less
+#: of the messages we expected (not counting ones we deleted) looks like a server glitch.
+SHRINK_MIN_LOST = 10
+SHRINK_RATIO = 0.5
 _MAX_NAMED = 5  # UIDLs named in one warning before "..." takes over
 
 
@@ -55,6 +76,18 @@ class EntryLike(Protocol):
     @property
     def delivered_at(self) -> float | None: ...
 
+    @property
+    def size(self) -> int | None: ...
+
+    @property
+    def deleted_at(self) -> float | None: ...
+
+    @property
+    def vanished_at(self) -> float | None: ...
+
+    @property
+    def absent_runs(self) -> int: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Policy:
@@ -64,6 +97,8 @@ class Policy:
     delete_after_days: int | None = None
     max_message_size: int | None = None
     allow_uidl_reset: bool = False
+    forget_after: float = FORGET_AFTER
+    forget_min_listings: int = FORGET_MIN_LISTINGS
 
     def __post_init__(self) -> None:
         if self.delete not in ("never", "after_delivery", "after_days"):
@@ -74,24 +109,42 @@ class Policy:
             raise ValueError("delete='after_days' needs delete_after_days >= 0")
         if self.max_message_size is not None and self.max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
+        if self.forget_after < 0 or self.forget_min_listings < 1:
+            raise ValueError("forget_after must be >= 0 and forget_min_listings >= 1")
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """The planner's answer; every tuple is in ascending message-number order."""
+    """The planner's answer; listing tuples are in ascending message-number order.
+
+    ``too_large`` holds messages to record as too large (new ones); ``held`` counts the
+    recorded ones still over the limit. ``absent`` are UIDLs to note as missing once more,
+    ``forget`` those missing long enough to drop, ``reappeared`` vanished ones listed again.
+    """
 
     fetch: tuple[ListingItem, ...] = ()
     delete: tuple[tuple[int, bytes], ...] = ()
     forget: tuple[bytes, ...] = ()
     too_large: tuple[tuple[int, bytes, int], ...] = ()
+    held: int = 0
+    absent: tuple[bytes, ...] = ()
+    reappeared: tuple[bytes, ...] = ()
     duplicates: tuple[bytes, ...] = ()
     reset_suspected: bool = False
+    shrink_suspected: bool = False
     warnings: tuple[str, ...] = ()
 
 
+def show_uidl(uidl: bytes) -> str:
+    """A UIDL as text for a log line: printable ASCII as is, anything else escaped, capped."""
+    text = uidl[:80].decode("ascii", "backslashreplace")
+    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+    return text + ("..." if len(uidl) > 80 else "")
+
+
 def _show(uidls: Sequence[bytes]) -> str:
-    """Name a few UIDLs for a warning as text (not b'...'), without flooding the log."""
-    shown = ", ".join(u.decode("ascii", "backslashreplace")[:80] for u in uidls[:_MAX_NAMED])
+    """Name a few UIDLs for a warning without flooding the log."""
+    shown = ", ".join(show_uidl(u) for u in uidls[:_MAX_NAMED])
     return shown + (", ..." if len(uidls) > _MAX_NAMED else "")
 
 
@@ -157,6 +210,45 @@ def _may_delete(entry: EntryLike, policy: Policy, now: float) -> bool:
     )
 
 
+def _limit_allows(size: int | None, limit: int | None) -> bool:
+    """Unknown sizes pass: the client's max_size guard stops an oversized RETR."""
+    return limit is None or size is None or size <= limit
+
+
+def _shrink_suspected(listed: Collection[bytes], seen: Mapping[bytes, EntryLike]) -> bool:
+    """True when the listing lost many UIDLs it showed last time (ours to delete excepted)."""
+    expected = 0
+    lost = 0
+    for uidl, entry in seen.items():
+        if entry.vanished_at is None and entry.deleted_at is None:
+            expected += 1
+            lost += uidl not in listed
+    if not lost:
+        return False
+    return not listed or (lost >= SHRINK_MIN_LOST and len(listed) <= SHRINK_RATIO * expected)
+
+
+def _absence(
+    listed: Collection[bytes], seen: Mapping[bytes, EntryLike], policy: Policy, now: float
+) -> tuple[list[bytes], list[bytes]]:
+    """(UIDLs to note absent once more, UIDLs absent long enough to forget)."""
+    absent: list[bytes] = []
+    forget: list[bytes] = []
+    for uidl, entry in seen.items():
+        if uidl in listed:
+            continue
+        since = entry.vanished_at
+        if (
+            since is not None
+            and now - since >= policy.forget_after
+            and entry.absent_runs + 1 >= policy.forget_min_listings
+        ):
+            forget.append(uidl)
+        else:
+            absent.append(uidl)
+    return absent, forget
+
+
 def plan_sync(
     listing: Sequence[ListingItem],
     seen: Mapping[bytes, EntryLike],
@@ -185,32 +277,56 @@ def plan_sync(
 
     fetch: list[ListingItem] = []
     too_large: list[tuple[int, bytes, int]] = []
+    held = 0
     delete: list[tuple[int, bytes]] = []
+    reappeared: list[bytes] = []
     limit = policy.max_message_size
     for msgnum, uidl, size in unique:
         entry = seen.get(uidl)
         if entry is None:
-            # Unknown size: fetch anyway; the client's max_size guard stops an oversized RETR.
-            if limit is not None and size is not None and size > limit:
-                too_large.append((msgnum, uidl, size))
-            else:
+            if _limit_allows(size, limit):
                 fetch.append((msgnum, uidl, size))
+            else:
+                too_large.append((msgnum, uidl, size or 0))
+            continue
+        if entry.vanished_at is not None:
+            reappeared.append(uidl)
+        if entry.state == "too_large":
+            # The recorded size may exceed LIST's (RETR outgrew it); the larger one counts.
+            known = max(entry.size or 0, size or 0)
+            if _limit_allows(known, limit):
+                fetch.append((msgnum, uidl, size))
+            else:
+                held += 1
         elif uidl not in dup_set and _may_delete(entry, policy, now):
             delete.append((msgnum, uidl))
-        # Any other known entry (pending, or delivered and kept) is left alone.
+        # Any other known entry (pending, rejected, or delivered and kept) is left alone.
 
     if too_large:
         warnings.append(
-            f"{len(too_large)} message(s) larger than max_message_size={limit} left on the"
-            f" server: {_show([u for _, u, _ in too_large])}"
+            f"{len(too_large)} message(s) larger than max_message_size={limit} remembered and"
+            f" left on the server: {_show([u for _, u, _ in too_large])}"
         )
-    forget = tuple(u for u in seen if u not in listed)
+    shrink = _shrink_suspected(listed, seen)
+    absent: list[bytes] = []
+    forget: list[bytes] = []
+    if shrink:
+        warnings.append(
+            f"the server listed {len(listed)} message(s), far fewer than before; treating"
+            " the listing as a glitch: nothing is marked vanished or forgotten"
+        )
+    else:
+        absent, forget = _absence(listed, seen, policy, now)
     return Plan(
         fetch=tuple(fetch),
         delete=tuple(delete),
-        forget=forget,
+        forget=tuple(forget),
         too_large=tuple(too_large),
+        held=held,
+        absent=tuple(absent),
+        reappeared=tuple(reappeared),
         duplicates=tuple(duplicates),
         reset_suspected=reset,
+        shrink_suspected=shrink,
         warnings=tuple(warnings),
     )

@@ -53,14 +53,14 @@ class Listed:
         }
 
 
-def read_entries(db: Path, account: str) -> Mapping[bytes, SeenEntry]:
-    """The account's seen rows, or none when the store does not exist yet (never creates it)."""
+def read_entries(db: Path, mailbox: str) -> Mapping[bytes, SeenEntry]:
+    """The mailbox's seen rows, or none when the store does not exist yet (never creates it)."""
     if not db.exists():
         return {}
     from popsync.seen import SeenStore
 
     with SeenStore.open(db) as store:
-        return store.entries(account)
+        return store.entries(mailbox)
 
 
 def _state(entry: SeenEntry | None, too_large: bool) -> str:

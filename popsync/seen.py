@@ -1,4 +1,4 @@
-"""The SQLite seen-store: which UIDLs each account has pending or delivered, and its last run.
+"""The SQLite seen-store: which UIDLs each mailbox has pending or delivered, and its last run.
 
 One file, ``state_dir/popsync.sqlite3``, mode 0600 in a 0700 directory. WAL journal with
 ``synchronous=FULL`` so a committed transaction survives power loss; every mutating method is
@@ -11,11 +11,24 @@ so per-thread connections would buy no write concurrency; they would add SQLITE_
 between our own threads and connections leaking with pool threads. Other processes
 (``popsync status``, a manual ``--once``) share the file through WAL and ``busy_timeout``.
 
+Rows are keyed by *mailbox* (`popsync.config.Account.mailbox`: ``username@host``), not by the
+account's label in the config: renaming an account changes nothing here, and two configs naming
+one mailbox share its rows and its lock. Schema version 1 keyed rows by label; migration 2 keeps
+them under ``label:<name>`` (a label can contain neither ``:`` nor ``@``) until
+`SeenStore.adopt_labels` moves them to their mailbox, which only the config can name.
+
+A row's state is *pending* (in ``tmp/``, see `popsync.sync`), *delivered*, *too_large* (never
+downloaded: bigger than the account's ``max_message_size``; ``size`` is its LIST size or, when
+RETR outgrew LIST, at least that many octets) or *rejected* (reserved for delivery targets that
+refuse a message). ``vanished_at``/``absent_runs`` record since when and for how many
+consecutive complete listings a UIDL has been missing from the server; `popsync.plan` forgets a
+row only when both are large enough.
+
 Schema: ``PRAGMA user_version`` is the schema version; `MIGRATIONS[i]` upgrades version ``i`` to
 ``i + 1`` inside one transaction. A file written by a newer popsync is refused (`SchemaTooNew`)
 rather than guessed at.
 
-Per-account locks (`SeenStore.lock`) are ``flock`` on ``state_dir/locks/<account>.lock``
+Per-mailbox locks (`SeenStore.lock`) are ``flock`` on ``state_dir/locks/<mailbox>.lock``
 (non-blocking; `popsync.errors.LockBusy` when held) plus an in-process registry, because flock
 is emulated with per-process POSIX locks on some filesystems (NFS) where threads would not
 exclude each other.
@@ -29,7 +42,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +54,7 @@ from popsync.errors import LocalIOError, LockBusy
 
 __all__ = [
     "DB_FILENAME",
+    "LEGACY_PREFIX",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "EntryRow",
@@ -53,7 +67,9 @@ __all__ = [
 ]
 
 DB_FILENAME = "popsync.sqlite3"
-SeenState = Literal["pending", "delivered", "rejected"]
+SeenState = Literal["pending", "delivered", "too_large", "rejected"]
+#: Version-1 rows (keyed by account label) live under this prefix until adopt_labels() runs.
+LEGACY_PREFIX = "label:"
 
 #: MIGRATIONS[i] takes a database from user_version i to i + 1.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -104,6 +120,49 @@ MIGRATIONS += (
         "ALTER TABLE seen_rejected RENAME TO seen",
     ),
 )
+#: Mailbox keys, *too_large*, and the vanish bookkeeping (see the module docstring).
+MIGRATIONS += (
+    (
+        # v3: key by mailbox (labels kept as "label:<name>" until adopted), more states,
+        # vanish bookkeeping. SQLite cannot alter a CHECK constraint, so both tables are rebuilt.
+        """CREATE TABLE seen_v3 (
+            mailbox TEXT NOT NULL,
+            uidl BLOB NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('pending', 'delivered', 'too_large', 'rejected')),
+            name TEXT NOT NULL,
+            size INTEGER,
+            first_seen REAL NOT NULL,
+            delivered_at REAL,
+            deleted_at REAL,
+            vanished_at REAL,
+            absent_runs INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (mailbox, uidl)
+        ) WITHOUT ROWID""",
+        """INSERT INTO seen_v3 (mailbox, uidl, state, name, size, first_seen, delivered_at,
+            deleted_at) SELECT 'label:' || account, uidl, state, name, size, first_seen,
+            delivered_at, deleted_at FROM seen""",
+        "DROP TABLE seen",
+        "ALTER TABLE seen_v3 RENAME TO seen",
+        """CREATE TABLE runs_v3 (
+            mailbox TEXT PRIMARY KEY,
+            started REAL NOT NULL,
+            finished REAL,
+            outcome TEXT NOT NULL,
+            fetched INTEGER NOT NULL,
+            skipped INTEGER NOT NULL,
+            deleted INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            messages_on_server INTEGER,
+            error TEXT,
+            consecutive_failures INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        """INSERT INTO runs_v3 SELECT 'label:' || account, started, finished, outcome, fetched,
+            skipped, deleted, bytes, messages_on_server, error, consecutive_failures FROM runs""",
+        "DROP TABLE runs",
+        "ALTER TABLE runs_v3 RENAME TO runs",
+    ),
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _BUSY_TIMEOUT_MS = 10_000
@@ -125,7 +184,7 @@ class SchemaTooNew(SeenStoreError):
 
 @dataclass(frozen=True, slots=True)
 class SeenEntry:
-    """One (account, UIDL) row."""
+    """One (mailbox, UIDL) row."""
 
     uidl: bytes
     state: SeenState
@@ -134,6 +193,8 @@ class SeenEntry:
     first_seen: float
     delivered_at: float | None
     deleted_at: float | None
+    vanished_at: float | None = None
+    absent_runs: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +229,11 @@ def _raise_sqlite(exc: sqlite3.Error, action: str) -> NoReturn:
     raise exc
 
 
-def _lock_filename(account: str) -> str:
-    """A safe file name for any account name (no '/', bounded length)."""
-    safe = quote(account, safe="@+")
+def _lock_filename(mailbox: str) -> str:
+    """A safe file name for any mailbox key (no '/', bounded length)."""
+    safe = quote(mailbox, safe="@+")
     if len(safe) > 200:
-        safe = safe[:100] + "-" + hashlib.sha256(account.encode()).hexdigest()
+        safe = safe[:100] + "-" + hashlib.sha256(mailbox.encode()).hexdigest()
     return f"{safe}.lock"
 
 
@@ -185,16 +246,24 @@ def _secure_file(path: Path) -> None:
         os.close(fd)
 
 
+_TABLES = ("seen", "runs")
 _SELECT_ENTRIES = (
-    "SELECT uidl, state, name, size, first_seen, delivered_at, deleted_at"
-    " FROM seen WHERE account = ?"
+    "SELECT uidl, state, name, size, first_seen, delivered_at, deleted_at, vanished_at,"
+    " absent_runs FROM seen WHERE mailbox = ?"
 )
 _SELECT_PENDING = _SELECT_ENTRIES + " AND state = 'pending'"
-_DELIVERED = "state = 'delivered' AND delivered_at IS NOT NULL"
-_SELECT_DELIVERED = f"SELECT uidl, delivered_at FROM seen WHERE account = ? AND {_DELIVERED}"  # noqa: S608
+#: The planner's compact bulk: plain delivered rows (kept, listed, not vanished). Every other
+#: row (pending, too_large, deleted or vanished) is read whole by other_rows().
+_DELIVERED = (
+    "state = 'delivered' AND delivered_at IS NOT NULL AND deleted_at IS NULL"
+    " AND vanished_at IS NULL"
+)
+_SELECT_DELIVERED = f"SELECT uidl, delivered_at FROM seen WHERE mailbox = ? AND {_DELIVERED}"  # noqa: S608
 _SELECT_OTHERS = f"{_SELECT_ENTRIES} AND NOT ({_DELIVERED})"
 #: One seen row as SQLite returns it, in `SeenEntry` field order.
-EntryRow: TypeAlias = tuple[bytes, SeenState, str, int | None, float, float | None, float | None]
+EntryRow: TypeAlias = tuple[
+    bytes, SeenState, str, int | None, float, float | None, float | None, float | None, int
+]
 
 
 class SeenStore:
@@ -302,61 +371,69 @@ class SeenStore:
 
     # --- seen rows ----------------------------------------------------------------------------
 
-    def entries(self, account: str) -> dict[bytes, SeenEntry]:
-        """Every row of one account, keyed by UIDL."""
-        return self._entries(_SELECT_ENTRIES, account)
+    def entries(self, mailbox: str) -> dict[bytes, SeenEntry]:
+        """Every row of one mailbox, keyed by UIDL."""
+        return self._entries(_SELECT_ENTRIES, mailbox)
 
-    def has_rows(self, account: str) -> bool:
-        """Whether the account has any row (without reading them all)."""
-        sql = "SELECT 1 FROM seen WHERE account = ? LIMIT 1"
-        return bool(self._query("read entries", sql, (account,)))
+    def has_rows(self, mailbox: str) -> bool:
+        """Whether the mailbox has any row (without reading them all)."""
+        sql = "SELECT 1 FROM seen WHERE mailbox = ? LIMIT 1"
+        return bool(self._query("read entries", sql, (mailbox,)))
 
-    def count(self, account: str) -> int:
-        """How many rows the account has (without reading them)."""
+    def count(self, mailbox: str) -> int:
+        """How many rows the mailbox has (without reading them)."""
         rows = self._query(
-            "count entries", "SELECT count(*) FROM seen WHERE account = ?", (account,)
+            "count entries", "SELECT count(*) FROM seen WHERE mailbox = ?", (mailbox,)
         )
         return int(cast("int", rows[0][0]))
 
-    def delivered_times(self, account: str) -> Iterator[tuple[bytes, float]]:
-        """``(uidl, delivered_at)`` of every delivered row, streamed (the planner's bulk).
+    def delivered_times(self, mailbox: str) -> Iterator[tuple[bytes, float]]:
+        """``(uidl, delivered_at)`` of every plain delivered row, streamed (the planner's bulk).
 
-        With `other_rows` this is every row of the account, read for the planner's diff
-        at a million rows without a list of rows or an entry object per row. Both hold the
+        Plain: not deleted and not vanished, so these fields need no storing. With
+        `other_rows` this is every row of the mailbox, read for the planner's diff at a
+        million rows without a list of rows or an entry object per row. Both hold the
         store's lock until exhausted or closed: consume them promptly, in the calling thread.
         """
-        return self._stream(_SELECT_DELIVERED, account)
+        return self._stream(_SELECT_DELIVERED, mailbox)
 
-    def other_rows(self, account: str) -> Iterator[EntryRow]:
+    def other_rows(self, mailbox: str) -> Iterator[EntryRow]:
         """Every row not returned by `delivered_times`, as a tuple in `SeenEntry` order."""
-        return self._stream(_SELECT_OTHERS, account)
+        return self._stream(_SELECT_OTHERS, mailbox)
 
-    def _stream(self, sql: str, account: str, batch: int = 4096) -> Iterator[Any]:
+    def _stream(self, sql: str, mailbox: str, batch: int = 4096) -> Iterator[Any]:
         with self._lock:
             try:
-                cursor = self._conn.execute(sql, (account,))
+                cursor = self._conn.execute(sql, (mailbox,))
                 while rows := cursor.fetchmany(batch):
                     yield from rows
             except sqlite3.Error as exc:
                 _raise_sqlite(exc, "read entries")
 
-    def pending(self, account: str) -> dict[bytes, SeenEntry]:
-        """The pending rows of one account (what recovery looks at), keyed by UIDL."""
-        return self._entries(_SELECT_PENDING, account)
+    def pending(self, mailbox: str) -> dict[bytes, SeenEntry]:
+        """The pending rows of one mailbox (what recovery looks at), keyed by UIDL."""
+        return self._entries(_SELECT_PENDING, mailbox)
 
-    def _entries(self, sql: str, account: str) -> dict[bytes, SeenEntry]:
-        rows = cast("list[EntryRow]", self._query("read entries", sql, (account,)))
+    def _entries(self, sql: str, mailbox: str) -> dict[bytes, SeenEntry]:
+        rows = cast("list[EntryRow]", self._query("read entries", sql, (mailbox,)))
         # Positional construction: this runs once per message on every poll.
         return {bytes(row[0]): SeenEntry(bytes(row[0]), *row[1:]) for row in rows}
 
+    def mailboxes(self) -> list[str]:
+        """Every mailbox key with rows or a recorded run, sorted."""
+        rows = self._query(
+            "list mailboxes", "SELECT mailbox FROM seen UNION SELECT mailbox FROM runs ORDER BY 1"
+        )
+        return [cast("str", row[0]) for row in rows]
+
     def add_pending(
         self,
-        account: str,
+        mailbox: str,
         items: Sequence[tuple[bytes, str, int]],
         *,
         at: float | None = None,
     ) -> None:
-        """Record (uidl, tmp name, size) as pending; a pending row is updated in place.
+        """Record (uidl, tmp name, size) as pending; a pending or too_large row is updated.
 
         Raises ValueError (and records nothing) if any UIDL is already delivered: re-fetching
         a delivered message would deliver it twice.
@@ -364,82 +441,142 @@ class SeenStore:
         now = time.time() if at is None else at
         with self._tx("record pending messages") as conn:
             cur = conn.executemany(
-                "INSERT INTO seen (account, uidl, state, name, size, first_seen)"
+                "INSERT INTO seen (mailbox, uidl, state, name, size, first_seen)"
                 " VALUES (?, ?, 'pending', ?, ?, ?)"
-                " ON CONFLICT (account, uidl) DO UPDATE"
-                " SET name = excluded.name, size = excluded.size WHERE state = 'pending'",
-                [(account, bytes(u), name, size, now) for u, name, size in items],
+                " ON CONFLICT (mailbox, uidl) DO UPDATE"
+                " SET state = 'pending', name = excluded.name, size = excluded.size,"
+                " vanished_at = NULL, absent_runs = 0"
+                " WHERE state IN ('pending', 'too_large')",
+                [(mailbox, bytes(u), name, size, now) for u, name, size in items],
             )
             if cur.rowcount != len(items):
                 raise ValueError("add_pending: some UIDLs are already delivered")
 
-    def mark_delivered(self, account: str, items: Sequence[tuple[bytes, str]], at: float) -> None:
+    def mark_delivered(self, mailbox: str, items: Sequence[tuple[bytes, str]], at: float) -> None:
         """Mark (uidl, final name) delivered; inserts rows that are missing (never re-fetch)."""
         with self._tx("mark messages delivered") as conn:
             conn.executemany(
-                "INSERT INTO seen (account, uidl, state, name, first_seen, delivered_at)"
+                "INSERT INTO seen (mailbox, uidl, state, name, first_seen, delivered_at)"
                 " VALUES (?, ?, 'delivered', ?, ?, ?)"
-                " ON CONFLICT (account, uidl) DO UPDATE SET"
+                " ON CONFLICT (mailbox, uidl) DO UPDATE SET"
                 " name = excluded.name,"
                 " delivered_at = CASE WHEN state = 'delivered' THEN delivered_at"
                 " ELSE excluded.delivered_at END,"
                 " state = 'delivered'",
-                [(account, bytes(u), name, at, at) for u, name in items],
+                [(mailbox, bytes(u), name, at, at) for u, name in items],
             )
 
-    def mark_rejected(self, account: str, items: Sequence[tuple[bytes, str]], at: float) -> None:
+    def mark_rejected(self, mailbox: str, items: Sequence[tuple[bytes, str]], at: float) -> None:
         """Record (uidl, reason) as rejected: never fetched again, never DELEd."""
         with self._tx("mark messages rejected") as conn:
             conn.executemany(
-                "INSERT INTO seen (account, uidl, state, name, first_seen)"
+                "INSERT INTO seen (mailbox, uidl, state, name, first_seen)"
                 " VALUES (?, ?, 'rejected', ?, ?)"
-                " ON CONFLICT (account, uidl) DO UPDATE SET"
+                " ON CONFLICT (mailbox, uidl) DO UPDATE SET"
                 " name = excluded.name, state = 'rejected' WHERE state = 'pending'",
-                [(account, bytes(u), reason, at) for u, reason in items],
+                [(mailbox, bytes(u), reason, at) for u, reason in items],
             )
 
-    def _delete_rows(self, account: str, uidls: Iterable[bytes], extra: str, action: str) -> int:
-        """DELETE rows by UIDL with an extra condition; returns the count."""
-        with self._tx(action) as conn:
+    def mark_too_large(self, mailbox: str, items: Sequence[tuple[bytes, int]], at: float) -> int:
+        """Record (uidl, size) as too large to fetch; pending or delivered rows are kept.
+
+        Returns how many rows were inserted or changed.
+        """
+        with self._tx("record too large messages") as conn:
             cur = conn.executemany(
-                f"DELETE FROM seen WHERE account = ? AND uidl = ?{extra}",  # noqa: S608
-                [(account, bytes(u)) for u in uidls],
+                "INSERT INTO seen (mailbox, uidl, state, name, size, first_seen)"
+                " VALUES (?, ?, 'too_large', '', ?, ?)"
+                " ON CONFLICT (mailbox, uidl) DO UPDATE SET size = excluded.size"
+                " WHERE state = 'too_large' AND size IS NOT excluded.size",
+                [(mailbox, bytes(u), size, at) for u, size in items],
             )
             return max(cur.rowcount, 0)
 
-    def remove(self, account: str, uidls: Iterable[bytes]) -> int:
+    def note_absent(self, mailbox: str, uidls: Iterable[bytes], at: float) -> int:
+        """One more complete listing without these UIDLs: set vanished_at once, count up."""
+        with self._tx("record vanished UIDLs") as conn:
+            cur = conn.executemany(
+                "UPDATE seen SET vanished_at = COALESCE(vanished_at, ?),"
+                " absent_runs = absent_runs + 1 WHERE mailbox = ? AND uidl = ?",
+                [(at, mailbox, bytes(u)) for u in uidls],
+            )
+            return max(cur.rowcount, 0)
+
+    def note_present(self, mailbox: str, uidls: Iterable[bytes]) -> int:
+        """These vanished UIDLs are listed again: clear their absence (they stay as they were)."""
+        with self._tx("record reappeared UIDLs") as conn:
+            cur = conn.executemany(
+                "UPDATE seen SET vanished_at = NULL, absent_runs = 0"
+                " WHERE mailbox = ? AND uidl = ?",
+                [(mailbox, bytes(u)) for u in uidls],
+            )
+            return max(cur.rowcount, 0)
+
+    def _delete_rows(self, mailbox: str, uidls: Iterable[bytes], extra: str, action: str) -> int:
+        """DELETE rows by UIDL with an extra condition; returns the count."""
+        with self._tx(action) as conn:
+            cur = conn.executemany(
+                f"DELETE FROM seen WHERE mailbox = ? AND uidl = ?{extra}",  # noqa: S608
+                [(mailbox, bytes(u)) for u in uidls],
+            )
+            return max(cur.rowcount, 0)
+
+    def remove(self, mailbox: str, uidls: Iterable[bytes]) -> int:
         """Drop PENDING rows (their file vanished) so they are fetched again; delivered stay."""
-        return self._delete_rows(account, uidls, " AND state = 'pending'", "remove pending rows")
+        return self._delete_rows(mailbox, uidls, " AND state = 'pending'", "remove pending rows")
 
-    def forget(self, account: str, uidls: Iterable[bytes]) -> int:
-        """Drop rows of UIDLs the server no longer lists."""
-        return self._delete_rows(account, uidls, "", "forget UIDLs")
+    def forget(self, mailbox: str, uidls: Iterable[bytes]) -> int:
+        """Drop rows of UIDLs the server no longer lists (the planner decides when)."""
+        return self._delete_rows(mailbox, uidls, "", "forget UIDLs")
 
-    def mark_deleted(self, account: str, uidls: Iterable[bytes], at: float) -> int:
+    def mark_deleted(self, mailbox: str, uidls: Iterable[bytes], at: float) -> int:
         """Note that DELE was sent and QUIT accepted (delivered rows only)."""
         with self._tx("mark messages deleted") as conn:
             cur = conn.executemany(
                 "UPDATE seen SET deleted_at = ?"
-                " WHERE account = ? AND uidl = ? AND state = 'delivered'",
-                [(at, account, bytes(u)) for u in uidls],
+                " WHERE mailbox = ? AND uidl = ? AND state = 'delivered'",
+                [(at, mailbox, bytes(u)) for u in uidls],
             )
             return max(cur.rowcount, 0)
 
+    def adopt_labels(self, mailboxes: Mapping[str, str]) -> int:
+        """Move version-1 rows of account label -> mailbox key; return how many rows moved.
+
+        Rows already kept under the mailbox win over legacy ones (they are newer). Cheap when
+        there is nothing left to adopt, so callers run it on every open.
+        """
+        legacy = (LEGACY_PREFIX, LEGACY_PREFIX[:-1] + chr(ord(LEGACY_PREFIX[-1]) + 1))
+        probe = "SELECT 1 FROM {} WHERE mailbox >= ? AND mailbox < ? LIMIT 1"
+        if not any(self._query("find legacy rows", probe.format(t), legacy) for t in _TABLES):
+            return 0
+        moved = 0
+        with self._tx("adopt rows of renamed accounts") as conn:
+            for label, mailbox in mailboxes.items():
+                old = LEGACY_PREFIX + label
+                for table in _TABLES:
+                    cur = conn.execute(
+                        f"UPDATE OR IGNORE {table} SET mailbox = ? WHERE mailbox = ?",  # noqa: S608
+                        (mailbox, old),
+                    )
+                    moved += max(cur.rowcount, 0)
+                    conn.execute(f"DELETE FROM {table} WHERE mailbox = ?", (old,))  # noqa: S608
+        return moved
+
     # --- runs ---------------------------------------------------------------------------------
 
-    def record_run(self, account: str, record: RunRecord) -> RunRecord:
-        """Store the account's latest run; returns it with consecutive_failures updated."""
+    def record_run(self, mailbox: str, record: RunRecord) -> RunRecord:
+        """Store the mailbox's latest run; returns it with consecutive_failures updated."""
         with self._tx("record a run") as conn:
             row = conn.execute(
-                "SELECT consecutive_failures FROM runs WHERE account = ?", (account,)
+                "SELECT consecutive_failures FROM runs WHERE mailbox = ?", (mailbox,)
             ).fetchone()
             failures = 0 if record.ok else (int(row[0]) if row else 0) + 1
             conn.execute(
-                "INSERT OR REPLACE INTO runs (account, started, finished, outcome, fetched,"
+                "INSERT OR REPLACE INTO runs (mailbox, started, finished, outcome, fetched,"
                 " skipped, deleted, bytes, messages_on_server, error, consecutive_failures)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    account,
+                    mailbox,
                     record.started,
                     record.finished,
                     record.outcome,
@@ -455,11 +592,11 @@ class SeenStore:
         return replace(record, consecutive_failures=failures)
 
     def last_runs(self) -> dict[str, RunRecord]:
-        """The latest run of every account that has run."""
+        """The latest run of every mailbox that has run, keyed by mailbox."""
         rows = self._query(
             "read runs",
-            "SELECT account, started, finished, outcome, fetched, skipped, deleted, bytes,"
-            " messages_on_server, error, consecutive_failures FROM runs ORDER BY account",
+            "SELECT mailbox, started, finished, outcome, fetched, skipped, deleted, bytes,"
+            " messages_on_server, error, consecutive_failures FROM runs ORDER BY mailbox",
         )
         return {
             cast("str", r[0]): RunRecord(
@@ -479,14 +616,17 @@ class SeenStore:
 
     # --- locking and lifecycle ----------------------------------------------------------------
 
-    def lock(self, account: str) -> AbstractContextManager[None]:
-        """Exclusive, non-blocking per-account lock across processes and threads."""
-        return self._account_lock(account)
+    def lock(self, mailbox: str, label: str | None = None) -> AbstractContextManager[None]:
+        """Exclusive, non-blocking per-mailbox lock across processes and threads.
+
+        ``label`` (the account's name) is only used in the LockBusy message.
+        """
+        return self._account_lock(mailbox, label or mailbox)
 
     @contextmanager
-    def _account_lock(self, account: str) -> Iterator[None]:
-        """flock the account's lock file; LockBusy if another run holds it."""
-        path = self.lock_dir / _lock_filename(account)
+    def _account_lock(self, mailbox: str, account: str) -> Iterator[None]:
+        """flock the mailbox's lock file; LockBusy if another run holds it."""
+        path = self.lock_dir / _lock_filename(mailbox)
         key = str(path.resolve())
         with _held_guard:
             if key in _held_locks:

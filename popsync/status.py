@@ -45,6 +45,8 @@ class AccountStatus:
     #: Messages the delivery target refused for good (kept on the server, never retried).
     rejected: int
     deleted: int
+    #: Messages left on the server because they exceed max_message_size.
+    too_large: int
     last_fetched: int
     failures: int
     error: str | None
@@ -66,8 +68,8 @@ def collect_status(config: Config, store: SeenStore) -> list[AccountStatus]:
     runs = store.last_runs()
     rows = []
     for name, account in config.accounts.items():
-        entries = store.entries(name).values()
-        run = runs.get(name)
+        entries = store.entries(account.mailbox).values()
+        run = runs.get(account.mailbox)
         rows.append(
             AccountStatus(
                 account=name,
@@ -80,6 +82,7 @@ def collect_status(config: Config, store: SeenStore) -> list[AccountStatus]:
                 pending=sum(1 for e in entries if e.state == "pending"),
                 rejected=sum(1 for e in entries if e.state == "rejected"),
                 deleted=sum(1 for e in entries if e.deleted_at is not None),
+                too_large=sum(1 for e in entries if e.state == "too_large"),
                 last_fetched=0 if run is None else run.fetched,
                 failures=0 if run is None else run.consecutive_failures,
                 # Stored errors quote the server; older popsync stored them raw.
@@ -157,6 +160,7 @@ def _cells(row: AccountStatus, now: float) -> list[str]:
         str(row.delivered),
         str(row.pending),
         str(row.rejected),
+        str(row.too_large),
         str(row.last_fetched),
         row.error or "",
     ]
@@ -171,6 +175,7 @@ _HEADERS = [
     "delivered",
     "pending",
     "rejected",
+    "too large",
     "last fetched",
     "last error",
 ]
@@ -212,13 +217,13 @@ def healthcheck(
         return False, "unhealthy: no enabled accounts"
     limit = max_age if max_age is not None else 3 * max(a.interval for a in accounts) + 60
     runs = store.last_runs()
-    mine = [runs[a.name] for a in accounts if a.name in runs]
+    mine = [runs[a.mailbox] for a in accounts if a.mailbox in runs]
     if not mine:
         return False, "unhealthy: no account has run yet"
     newest = max((r.finished or r.started) for r in mine)
     if now - newest > limit:
         return False, f"unhealthy: no run for {int(now - newest)}s (limit {int(limit)}s)"
-    failing = [a.name for a in accounts if a.name in runs and not runs[a.name].ok]
+    failing = [a.name for a in accounts if a.mailbox in runs and not runs[a.mailbox].ok]
     if len(failing) == len(accounts):
         return False, f"unhealthy: every account is failing ({', '.join(failing)})"
     return True, f"healthy: {len(mine)} account(s) ran, {len(failing)} failing"

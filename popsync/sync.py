@@ -25,6 +25,12 @@ rename is the commit point). Only *delivered* messages are ever DELEd, and the s
 applies DELEs only when it answers QUIT, so a connection lost before QUIT deletes
 nothing and the next run sends the DELEs again.
 
+A message bigger than ``max_message_size`` (by LIST, or because RETR outgrew LIST and was cut
+off) is recorded as *too_large* and never fetched or deleted until the limit allows it; a cut-off
+RETR costs the connection, so the run logs in again and syncs the rest of the mailbox. UIDLs
+the server stops listing are forgotten slowly (see `popsync.plan`). The seen-store is keyed by
+the account's mailbox (user@host), not its label.
+
 A run killed mid-RETR or mid-batch also leaves files in ``tmp/`` that no pending row
 names; :func:`clean_debris` removes those of dead popsync processes at the next start,
 and a failed run removes its own before it returns. ``tests/crashwrap.py`` kills a real
@@ -50,7 +56,7 @@ from popsync.deliver.base import deferral
 from popsync.errors import ExitCode, LocalIOError, PopsyncError
 from popsync.listing import Listing, SeenView
 from popsync.maildir import Maildir, TmpMessage, sanitize_host
-from popsync.plan import Plan, Policy, plan_sync
+from popsync.plan import Plan, Policy, plan_sync, show_uidl
 from popsync.pop3 import errors as pop3_errors
 from popsync.pop3.sasl import credential_forms
 from popsync.textsafe import add_secrets, safe_text, scrub_scope
@@ -58,7 +64,7 @@ from popsync.trace import TraceHeaders
 from popsync.units import human_bytes
 
 if TYPE_CHECKING:
-    from popsync.client import Pop3Client, Sink
+    from popsync.client import MessageTooLarge, Pop3Client, Sink
     from popsync.config import Account
     from popsync.net import Pace
     from popsync.seen import RunRecord, SeenStore
@@ -66,6 +72,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_BYTES",
     "BATCH_MESSAGES",
+    "MAX_CUTOFFS",
     "Outcome",
     "Progress",
     "RunResult",
@@ -89,6 +96,9 @@ BATCH_BYTES = 16 * 1024 * 1024
 #: (ext4/xfs group commit), so a batch costs about one flush instead of one per
 #: message. Shared by all accounts of a process.
 FSYNC_THREADS = 8
+#: RETRs cut off by the size guard cost a new login each; after this many in one run the rest
+#: waits for the next run (each cut-off message is remembered, so every run makes progress).
+MAX_CUTOFFS = 8
 _fsync_pool: ThreadPoolExecutor | None = None
 _fsync_pool_lock = threading.Lock()
 
@@ -142,6 +152,8 @@ class RunResult:
     forgotten: int = 0
     #: Messages recorded as delivered without fetching (first_run = "mark_seen").
     marked_seen: int = 0
+    #: Messages left on the server because they exceed max_message_size (new and known).
+    too_large: int = 0
     on_server: int = 0
     started: float = 0.0
     duration: float = 0.0
@@ -165,8 +177,13 @@ class RunResult:
             parts.append(f"{self.marked_seen} marked seen (first_run)")
         if self.rejected:
             parts.append(f"{self.rejected} rejected")
+        if self.too_large:
+            parts.append(f"{self.too_large} too large (left on server)")
         parts.append(f"{self.on_server} on server")
-        return f"{self.account}: ok, " + ", ".join(parts) + f" in {self.duration:.2f}s"
+        line = f"{self.account}: ok, " + ", ".join(parts) + f" in {self.duration:.2f}s"
+        if self.warnings:
+            line += f" ({len(self.warnings)} warning(s))"
+        return line
 
 
 def classify_error(exc: BaseException, *, during_login: bool = False) -> ExitCode:
@@ -196,6 +213,7 @@ def _policy(account: Account) -> Policy:
         delete_after_days=account.delete_after_days,
         max_message_size=account.max_message_size or None,
         allow_uidl_reset=account.allow_uidl_reset,
+        forget_after=account.forget_after,
     )
 
 
@@ -310,14 +328,14 @@ class _Batcher:
 
     def __init__(
         self,
-        account: str,
+        mailbox: str,
         store: SeenStore,
         target: Target,
         clock: Callable[[], float],
         result: RunResult,
         on_delivered: Callable[[bytes], None],
     ) -> None:
-        self._account = account
+        self._mailbox = mailbox
         self._store = store
         self._target = target
         self._clock = clock
@@ -383,7 +401,7 @@ class _Batcher:
     def _record(self, items: list[tuple[bytes, TmpMessage]]) -> None:
         """Steps 2-4 for durable spool files: pending, hand over, outcome committed."""
         try:
-            self._store.add_pending(self._account, [(u, t.name, t.size) for u, t in items])
+            self._store.add_pending(self._mailbox, [(u, t.name, t.size) for u, t in items])
         except BaseException:
             # Recorded nowhere, so nothing would ever deliver or remove them: no debris.
             for _, tmp in items:
@@ -392,7 +410,7 @@ class _Batcher:
         spooled = [Spooled(u, t.name, t.size, t.vsize) for u, t in items]
         outcomes = self._target.hand_over(spooled)
         done = list(zip(spooled, outcomes, strict=True))
-        _commit_outcomes(self._account, self._store, self._target, done, self._clock())
+        _commit_outcomes(self._mailbox, self._store, self._target, done, self._clock())
         for item, outcome in done:
             wire = self._wire.pop(item.name, 0)
             if isinstance(outcome, Delivered):
@@ -404,7 +422,7 @@ class _Batcher:
                 self._result.warnings.append(f"rejected by {self._target.kind}: {outcome.reason}")
                 _log.warning(
                     "message rejected",
-                    account=self._account,
+                    mailbox=self._mailbox,
                     uidl=item.uidl.hex(),
                     reason=outcome.reason,
                 )
@@ -444,14 +462,19 @@ def _fetch(
     max_size: int | None,
     trace: TraceHeaders,
     clock: Callable[[], float],
+    inflight: list[int],
 ) -> None:
     """Stream every planned message into tmp/, committing in batches; clean up on failure.
+
+    ``inflight[0]`` is set to the message number being received, so a RETR cut off by the
+    size guard is blamed on the right message.
 
     Trace header fields (``add_headers``) are written into the file before the message's
     first octet arrives, so nothing is buffered for them.
 
     ``max_size`` guards against a server whose LIST understated a size (or gave none):
-    the RETR is cut off instead of filling the disk.
+    the RETR is cut off instead of filling the disk. ``inflight[0]`` is set to the message
+    number being received, so a cut-off can be blamed on the right message.
     """
     uidl_of = {msgnum: uidl for msgnum, uidl, _ in plan.fetch}
     current: list[TmpMessage] = []
@@ -460,6 +483,7 @@ def _fetch(
     def sink_factory(msgnum: int) -> Sink:
         if stop is not None and stop.is_set():
             raise StopRequested("stopping: shutdown requested")
+        inflight[0] = msgnum
         tmp = _open_tmp(target)
         opened.append(tmp.name)
         current.append(tmp)
@@ -566,7 +590,10 @@ def _session(
     stop: threading.Event | None,
     progress: Progress | None,
     log: structlog.typing.FilteringBoundLogger,
-) -> None:
+) -> bool:
+    """One logged-in session; False when a RETR was cut off and the run must log in again."""
+    from popsync.client import MessageTooLarge
+
     try:
         client.set_pace(_pace(account, "listing", account.listing_timeout, "listing_timeout"))
         listing = _listing(client)  # also asks the post-login CAPA, pipelined
@@ -578,14 +605,14 @@ def _session(
         )
         result.retry_after = _login_delay(client)
         result.on_server = len(listing)
-        if account.first_run == "mark_seen" and is_first_run(store, account.name):
-            result.marked_seen = mark_seen(store, account.name, listing, clock())
+        if account.first_run == "mark_seen" and is_first_run(store, account.mailbox):
+            result.marked_seen = mark_seen(store, account.mailbox, listing, clock())
             log.info("first run: marked every message as seen", count=result.marked_seen)
             client.quit()
-            return
+            return True
         # Both sides stay compact: a mailbox may list a million messages (see listing.py).
         seen = SeenView(
-            listing, store.delivered_times(account.name), store.other_rows(account.name)
+            listing, store.delivered_times(account.mailbox), store.other_rows(account.mailbox)
         )
         plan = plan_sync(listing, seen, _policy(account), clock())
         log.debug(
@@ -593,17 +620,22 @@ def _session(
             on_server=len(listing),
             fetch=len(plan.fetch),
             delete=len(plan.delete),
+            absent=len(plan.absent),
             forget=len(plan.forget),
             too_large=len(plan.too_large),
+            held=plan.held,
         )
         for warning in plan.warnings:
+            if warning in result.warnings:  # a second login re-plans the same mailbox
+                continue
             if _warning_is_new(account.name, warning):
                 log.warning("plan warning", detail=warning)
             else:
                 log.debug("plan warning (unchanged since the last run)", detail=warning)
             result.warnings.append(warning)
         _forget_old_warnings(account.name, plan.warnings)
-        result.skipped = len(plan.too_large)
+        _record_listing(account, store, plan, clock())
+        result.too_large = result.skipped = len(plan.too_large) + plan.held
         deletable = _after_delivery(account, plan)
         total = len(plan.fetch)
         done = [0, 0]
@@ -614,7 +646,7 @@ def _session(
             if progress is not None:
                 progress(account.name, done[0], total, done[1])
 
-        batcher = _Batcher(account.name, store, target, clock, result, deletable.add)
+        batcher = _Batcher(account.mailbox, store, target, clock, result, deletable.add)
         # No budget from here on (a big mailbox takes what it takes), only the minimum rate.
         client.set_pace(_pace(account, "transfer"))
         trace = TraceHeaders(
@@ -623,13 +655,78 @@ def _session(
             user=account.username,
             recipient=account.lmtp_recipient,
         )
-        _fetch(client, plan, batcher, target, stop, tick, _retr_guard(account), trace, clock)
-        if plan.forget:
-            store.forget(account.name, plan.forget)
-            result.forgotten = len(plan.forget)
+        inflight = [0]
+        try:
+            _fetch(
+                client,
+                plan,
+                batcher,
+                target,
+                stop,
+                tick,
+                _retr_guard(account),
+                trace,
+                clock,
+                inflight,
+            )
+        except MessageTooLarge as exc:
+            _cut_off(account, store, plan, inflight[0], exc, result, clock(), log)
+            return False
+        _forget_slowly(account, store, plan, result, clock())
         _delete(account, client, store, plan, deletable, result, clock)
     finally:
         client.close()
+    return True
+
+
+def _forget_slowly(
+    account: Account, store: SeenStore, plan: Plan, result: RunResult, now: float
+) -> None:
+    """After a complete session: forget UIDLs long gone, note the others still absent."""
+    if plan.forget:
+        store.forget(account.mailbox, plan.forget)
+        result.forgotten = len(plan.forget)
+    if plan.absent:
+        store.note_absent(account.mailbox, plan.absent, now)
+
+
+def _record_listing(account: Account, store: SeenStore, plan: Plan, now: float) -> None:
+    """Before fetching: remember new too-large messages and UIDLs that came back."""
+    if plan.too_large:
+        store.mark_too_large(account.mailbox, [(u, size) for _, u, size in plan.too_large], now)
+    if plan.reappeared:
+        store.note_present(account.mailbox, plan.reappeared)
+        structlog.get_logger("popsync.sync").info(
+            "vanished messages are listed again; not fetching them again",
+            account=account.name,
+            count=len(plan.reappeared),
+        )
+
+
+def _cut_off(
+    account: Account,
+    store: SeenStore,
+    plan: Plan,
+    msgnum: int,
+    exc: MessageTooLarge,
+    result: RunResult,
+    now: float,
+    log: structlog.typing.FilteringBoundLogger,
+) -> None:
+    """RETR outgrew the size guard: remember the message as too large (never retried)."""
+    item = next((it for it in plan.fetch if it[0] == msgnum), None)
+    if item is None:  # cannot happen: the guard only applies to planned RETRs
+        raise exc
+    _, uidl, listed = item
+    size = max(exc.received, listed or 0)
+    store.mark_too_large(account.mailbox, [(uidl, size)], now)
+    warning = (
+        f"message {show_uidl(uidl)} was cut off after {size} octets (LIST said"
+        f" {listed if listed is not None else 'nothing'}); left on the server and remembered as"
+        f" too large (max_message_size={account.max_message_size})"
+    )
+    log.warning("message too large", detail=warning)
+    result.warnings.append(warning)
 
 
 #: The plan warnings each account logged last run: a daemon repeats one only when it
@@ -695,7 +792,7 @@ def _delete(
     client.quit()
     deleted = [uidl for msgnum, uidl in targets if msgnum not in refused]
     if deleted:
-        store.mark_deleted(account.name, deleted, clock())
+        store.mark_deleted(account.mailbox, deleted, clock())
         result.deleted = len(deleted)
 
 
@@ -725,9 +822,9 @@ def sync_account(
     started = time.monotonic()
     during_login = False
     try:
-        with store.lock(account.name):
+        with store.lock(account.mailbox, account.name):
             target = open_target(account, store.path.parent)
-            result.recovered = recover(account.name, store, target, clock())
+            result.recovered = recover(account.mailbox, store, target, clock())
             if result.recovered:
                 log.info("recovered interrupted deliveries", count=result.recovered)
             # Debris of a run killed mid-RETR or mid-batch; other agents' files get 36 hours.
@@ -750,26 +847,33 @@ def sync_account(
                     detail='tls = "none" with an auth that reveals the password: anyone on '
                     "the network path can read it",
                 )
-            during_login = True
-            client = _connect(account, secret, on_activity)
-            during_login = False
-            _session(
-                account,
-                client,
-                store,
-                target,
-                result,
-                clock=clock,
-                stop=stop,
-                progress=progress,
-                log=log,
-            )
+            for cutoffs in range(MAX_CUTOFFS + 1):
+                during_login = True
+                client = _connect(account, secret, on_activity)
+                during_login = False
+                if _session(
+                    account,
+                    client,
+                    store,
+                    target,
+                    result,
+                    clock=clock,
+                    stop=stop,
+                    progress=progress,
+                    log=log,
+                ):
+                    break
+                if cutoffs == MAX_CUTOFFS:
+                    result.warnings.append(
+                        f"{MAX_CUTOFFS + 1} oversized messages cut off in one run; the rest"
+                        " of the mailbox is synced next run"
+                    )
     except Exception as exc:  # every failure becomes a RunResult
         _fail(result, exc, during_login)
     result.duration = time.monotonic() - started
     _log_result(log, result)
     try:
-        store.record_run(account.name, _record(result, clock()))
+        store.record_run(account.mailbox, _record(result, clock()))
     except Exception as exc:  # a full disk must not hide the outcome
         log.error("could not record run", error=str(exc))
     return result

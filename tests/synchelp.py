@@ -11,6 +11,7 @@ from pathlib import Path
 
 from devtools.dovecot import Dovecot, MailUser
 from popsync.config import Account, Config, parse_config
+from popsync.seen import SeenEntry, SeenStore
 
 __all__ = [
     "REPO",
@@ -21,6 +22,7 @@ __all__ = [
     "maildir_files",
     "maildir_messages",
     "make_message",
+    "only_entries",
     "run_popsync",
     "stored_form",
     "toml_config",
@@ -152,3 +154,10 @@ def run_popsync(
         timeout=timeout,
         check=False,
     )
+
+
+def only_entries(store: SeenStore) -> dict[bytes, SeenEntry]:
+    """The seen rows of the store's only mailbox ({} when it has none)."""
+    keys = store.mailboxes()
+    assert len(keys) <= 1, keys
+    return store.entries(keys[0]) if keys else {}

@@ -20,6 +20,7 @@ from tests.synchelp import (
     maildir_files,
     maildir_messages,
     make_message,
+    only_entries,
     run_popsync,
     stored_form,
     write_config,
@@ -61,7 +62,7 @@ def _assert_consistent(setup: Setup) -> None:
     """Nothing recorded as delivered is missing from new/ or cur/; no file is there twice."""
     maildir = Maildir(setup.maildir)
     with _store(setup) as store:
-        entries = store.entries("acct")
+        entries = only_entries(store)
     delivered = [e.name for e in entries.values() if e.state == "delivered"]
     where = maildir.locate_many(delivered)
     assert all(where[name] in ("new", "cur") for name in delivered), where
@@ -84,7 +85,7 @@ def _assert_clean(setup: Setup, dovecot: Dovecot, user: MailUser) -> None:
     assert_exactly_once(maildir_messages(setup.maildir), setup.messages)
     assert dovecot.messages(user) == []
     with _store(setup) as store:
-        assert {e.state for e in store.entries("acct").values()} <= {"delivered"}
+        assert {e.state for e in only_entries(store).values()} <= {"delivered"}
     assert list((setup.maildir / "tmp").iterdir()) == []
 
 
@@ -120,7 +121,7 @@ def test_sigkill_at_each_step_loses_and_duplicates_nothing(
     assert killed.returncode == KILLED, killed.stderr
     _assert_consistent(setup)
     with _store(setup) as store:
-        states = [e.state for e in store.entries("acct").values()]
+        states = [e.state for e in only_entries(store).values()]
     assert states.count("delivered") == delivered
     # Nothing was deleted: the connection died before QUIT.
     assert sorted(dovecot.messages(mail_user)) == sorted(setup.messages)

@@ -19,6 +19,7 @@ from tests.synchelp import (
     dovecot_keys,
     maildir_messages,
     make_message,
+    only_entries,
     run_popsync,
     stored_form,
     write_config,
@@ -67,7 +68,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 def _delivered_names(state: Path) -> list[str]:
     with SeenStore.open(state / "popsync.sqlite3") as store:
-        return [e.name for e in store.entries("acct").values() if e.state == "delivered"]
+        return [e.name for e in only_entries(store).values() if e.state == "delivered"]
 
 
 @pytest.mark.parametrize("state_on_full_disk", [False, True], ids=["state-elsewhere", "same-fs"])

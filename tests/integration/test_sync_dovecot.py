@@ -23,6 +23,7 @@ from tests.synchelp import (
     maildir_files,
     maildir_messages,
     make_message,
+    only_entries,
     stored_form,
 )
 
@@ -150,7 +151,7 @@ def test_maildir_names_carry_the_right_size(
     _sync(_account(dovecot, mail_user, tmp_path), store)
     files = maildir_files(tmp_path / "Maildir")
     assert len(files) == 5
-    uidls = {e.uidl.decode() for e in store.entries("acct").values()}
+    uidls = {e.uidl.decode() for e in only_entries(store).values()}
     pattern = r"\d+\.M\d+P\d+Q\d+R[0-9a-f]{16}\.[^,/:]+,S=(\d+),W=(\d+)"
     for path in files:
         match = re.fullmatch(pattern, path.name)
@@ -159,7 +160,7 @@ def test_maildir_names_carry_the_right_size(
         assert int(match.group(2)) == len(path.read_bytes().replace(b"\n", b"\r\n"))
         assert int(match.group(2)) > int(match.group(1))  # LF stored, so W= counts more
         assert not any(uidl in path.name for uidl in uidls)
-    assert {e.state for e in store.entries("acct").values()} == {"delivered"}
+    assert {e.state for e in only_entries(store).values()} == {"delivered"}
 
 
 def test_second_run_fetches_nothing_and_new_mail_is_fetched(
@@ -203,11 +204,16 @@ def test_delete_after_delivery_empties_the_server(
     assert (result.fetched, result.deleted) == (12, 12)
     assert dovecot.messages(mail_user) == []
     assert_exactly_once(maildir_messages(tmp_path / "Maildir"), messages)
-    assert all(e.deleted_at is not None for e in store.entries("acct").values())
-    # The next run sees an empty mailbox and forgets the rows of the deleted messages.
-    after = _sync(account, store)
-    assert (after.fetched, after.on_server, after.forgotten) == (0, 0, 12)
-    assert store.entries("acct") == {}
+    assert all(e.deleted_at is not None for e in only_entries(store).values())
+    # The next runs see an empty mailbox: the deleted messages' rows are forgotten only after
+    # forget_after (30 days) and three complete listings without them.
+    now = result.started
+    after = _sync(account, store, now + DAY)
+    assert (after.fetched, after.on_server, after.forgotten) == (0, 0, 0)
+    assert all(e.vanished_at == now + DAY for e in only_entries(store).values())
+    assert _sync(account, store, now + 2 * DAY).forgotten == 0
+    assert _sync(account, store, now + 31 * DAY).forgotten == 12
+    assert only_entries(store) == {}
 
 
 def test_delete_never_keeps_the_server_intact(
@@ -247,7 +253,7 @@ def test_delete_after_days_uses_the_injected_clock(
 def test_max_message_size_skips_and_leaves_on_server(
     dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, store: SeenStore
 ) -> None:
-    """A message over max_message_size is skipped, never truncated, and stays on the server."""
+    """A message over max_message_size is skipped, remembered, and stays on the server."""
     small = [make_message(i, 200) for i in range(3)]
     big = make_message(99, 20_000)
     dovecot.deliver_many(mail_user, [small[0], big, small[1], small[2]])
@@ -259,23 +265,31 @@ def test_max_message_size_skips_and_leaves_on_server(
     assert any("max_message_size" in w for w in result.warnings)
     assert_exactly_once(maildir_messages(tmp_path / "Maildir"), small)
     assert dovecot.messages(mail_user) == [big]
-    # Still skipped next time, and still not recorded as seen.
-    assert _sync(account, store).skipped == 1
-    assert len(store.entries("acct")) == 0
+    # Remembered as too large with its size: skipped next time without a new warning.
+    (entry,) = [e for e in only_entries(store).values() if e.state == "too_large"]
+    assert entry.size is not None
+    assert entry.size > 20_000
+    again = _sync(account, store)
+    assert (again.skipped, again.too_large, again.warnings) == (1, 1, [])
+    assert dovecot.messages(mail_user) == [big]
 
 
-def test_messages_removed_elsewhere_are_forgotten(
+def test_messages_removed_elsewhere_are_forgotten_slowly(
     dovecot: Dovecot, mail_user: MailUser, tmp_path: Path, store: SeenStore
 ) -> None:
-    """UIDLs that vanish from a complete listing are forgotten; the rest stay seen."""
+    """A UIDL gone from complete listings is forgotten after 30 days and 3 listings."""
     dovecot.deliver_many(mail_user, [make_message(i) for i in range(4)])
     account = _account(dovecot, mail_user, tmp_path)
-    _sync(account, store)
+    _sync(account, store, T0)
     victim = maildir_files(mail_user.maildir)[0]  # Dovecot moved them to cur/ meanwhile
     victim.unlink()
-    result = _sync(account, store)
-    assert (result.fetched, result.forgotten, result.on_server) == (0, 1, 3)
-    assert len(store.entries("acct")) == 3
+    result = _sync(account, store, T0 + DAY)
+    assert (result.fetched, result.forgotten, result.on_server) == (0, 0, 3)
+    vanished = [e for e in only_entries(store).values() if e.vanished_at is not None]
+    assert [(e.vanished_at, e.absent_runs) for e in vanished] == [(T0 + DAY, 1)]
+    assert _sync(account, store, T0 + 40 * DAY).forgotten == 0  # time enough, 2 listings
+    assert _sync(account, store, T0 + 41 * DAY).forgotten == 1
+    assert len(only_entries(store)) == 3
 
 
 def test_wrong_password_is_an_auth_failure(

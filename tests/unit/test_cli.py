@@ -32,7 +32,9 @@ def _good(tmp_path: Path) -> Path:
 def _record(path: Path, account: str, outcome: str, age: float = 5.0) -> None:
     with SeenStore.open(path.parent / "state" / "popsync.sqlite3") as store:
         now = time.time() - age
-        store.record_run(account, RunRecord(started=now - 1, finished=now, outcome=outcome))
+        store.record_run(
+            f"u@pop.{account}.invalid", RunRecord(started=now - 1, finished=now, outcome=outcome)
+        )
 
 
 def test_help_mentions_every_subcommand_and_exit_code(capsys: pytest.CaptureFixture[str]) -> None:

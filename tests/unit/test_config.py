@@ -74,6 +74,7 @@ def test_minimal_account_gets_every_default() -> None:
         "pipelining": "auto",
         "allow_uidl_reset": False,
         "first_run": "fetch",
+        "forget_after": 30 * 86400.0,
         "enabled": True,
         "line_endings": "lf",
         "maildir_mode": 0o700,
@@ -291,19 +292,37 @@ def test_password_in_password_env_is_never_echoed() -> None:
     assert str(info.value).startswith("accounts.work.password_env: not an environment variable")
 
 
-def test_same_mailbox_into_same_maildir_is_an_error() -> None:
-    """Two accounts reading one mailbox into one Maildir would deliver everything twice."""
+_SAME_MAILBOX = (
+    "accounts.copy: same host and username as accounts.work: popsync keeps one record per"
+    " mailbox; configure it once"
+)
+
+
+def test_same_mailbox_twice_is_an_error() -> None:
+    """Two accounts naming one mailbox (host case ignored) would share one seen-store record."""
     text = MINIMAL + MINIMAL.replace("accounts.work", "accounts.copy").replace(
         "pop.example.com", "POP.example.com"
     )
-    assert problems_of(text) == [
-        "accounts.copy: same host, username and maildir as accounts.work: "
-        "both would download the same messages"
-    ]
+    assert problems_of(text) == [_SAME_MAILBOX]
     other_dir = MINIMAL + MINIMAL.replace("accounts.work", "accounts.copy").replace(
         "/srv/mail/work", "/srv/mail/copy"
     )
-    assert set(parse_config(other_dir).accounts) == {"work", "copy"}
+    assert problems_of(other_dir) == [_SAME_MAILBOX]
+    other_user = MINIMAL + MINIMAL.replace("accounts.work", "accounts.copy").replace(
+        'username = "', 'username = "x'
+    )
+    assert set(parse_config(other_user).accounts) == {"work", "copy"}
+
+
+def test_mailbox_key_ignores_the_label_and_host_case() -> None:
+    """The seen-store key is user@host, so renaming an account keeps its record."""
+    renamed = MINIMAL.replace("accounts.work", "accounts.renamed").replace(
+        "pop.example.com", "POP.Example.COM."
+    )
+    assert (
+        parse_config(renamed).accounts["renamed"].mailbox
+        == parse_config(MINIMAL).accounts["work"].mailbox
+    )
 
 
 @pytest.mark.parametrize(
@@ -419,7 +438,7 @@ def test_secret_hidden_in_direct_validation_errors() -> None:
 def test_config_model_rejects_shared_maildir_directly() -> None:
     """The cross-account rule also holds when Config is built without parse_config."""
     account = parse_config(MINIMAL).accounts["work"]
-    with pytest.raises(ValidationError, match="same host, username and maildir"):
+    with pytest.raises(ValidationError, match="same host and username"):
         Config.model_validate({"accounts": {"work": account, "copy": account}})
 
 

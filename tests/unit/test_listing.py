@@ -31,15 +31,30 @@ CHUNK = 256 * 1024  # what Pop3Client reads at a time
 
 def _rows(seen: dict[bytes, SeenEntry]) -> tuple[list[tuple[bytes, float]], list[EntryRow]]:
     """Split entries the way SeenStore.delivered_times / other_rows do."""
-    delivered = [
-        (u, e.delivered_at)
-        for u, e in seen.items()
-        if e.state == "delivered" and e.delivered_at is not None
-    ]
+
+    def plain(e: SeenEntry) -> bool:
+        return (
+            e.state == "delivered"
+            and e.delivered_at is not None
+            and e.deleted_at is None
+            and e.vanished_at is None
+        )
+
+    delivered = [(u, e.delivered_at) for u, e in seen.items() if plain(e) and e.delivered_at]
     others: list[EntryRow] = [
-        (u, e.state, e.name, e.size, e.first_seen, e.delivered_at, e.deleted_at)
+        (
+            u,
+            e.state,
+            e.name,
+            e.size,
+            e.first_seen,
+            e.delivered_at,
+            e.deleted_at,
+            e.vanished_at,
+            e.absent_runs,
+        )
         for u, e in seen.items()
-        if not (e.state == "delivered" and e.delivered_at is not None)
+        if not plain(e)
     ]
     return delivered, others
 
@@ -48,8 +63,15 @@ def _view(listing: Listing, seen: dict[bytes, SeenEntry]) -> SeenView:
     return SeenView(listing, *_rows(seen))
 
 
-def _entry(uidl: bytes, state: str, at: float | None) -> SeenEntry:
-    return SeenEntry(uidl, state, "name", 10, NOW - 50 * DAY, at, None)  # type: ignore[arg-type]
+def _entry(
+    uidl: bytes,
+    state: str,
+    at: float | None,
+    deleted: float | None = None,
+    vanished: float | None = None,
+    absent: int = 0,
+) -> SeenEntry:
+    return SeenEntry(uidl, state, "name", 10, NOW - 50 * DAY, at, deleted, vanished, absent)  # type: ignore[arg-type]
 
 
 uidls = st.binary(min_size=1, max_size=3)
@@ -65,9 +87,14 @@ def cases(draw: st.DrawFn) -> tuple[list[ListingItem], dict[bytes, SeenEntry], P
     ]
     listed = [u for _, u, _ in listing]
     keys = draw(st.lists((st.sampled_from(listed) | uidls) if listed else uidls, max_size=30))
-    state = st.sampled_from(["pending", "delivered"])
+    state = st.sampled_from(["pending", "delivered", "delivered", "too_large"])
     at = st.floats(NOW - 40 * DAY, NOW) | st.none()
-    seen = {k: _entry(k, draw(state), draw(at)) for k in keys}
+    deleted = st.none() | st.just(NOW - DAY)
+    vanished = st.none() | st.floats(NOW - 60 * DAY, NOW)
+    seen = {
+        k: _entry(k, draw(state), draw(at), draw(deleted), draw(vanished), draw(st.integers(0, 5)))
+        for k in keys
+    }
     policy = Policy(
         delete=draw(st.sampled_from(["never", "after_delivery", "after_days"])),
         delete_after_days=draw(st.integers(0, 30)),
@@ -93,6 +120,9 @@ def test_compact_inputs_plan_exactly_like_lists_and_dicts(
     assert got.fetch == expected.fetch
     assert got.delete == expected.delete
     assert sorted(got.forget) == sorted(expected.forget)
+    assert sorted(got.absent) == sorted(expected.absent)
+    assert (got.reappeared, got.held) == (expected.reappeared, expected.held)
+    assert got.shrink_suspected == expected.shrink_suspected
     assert (got.too_large, got.duplicates) == (expected.too_large, expected.duplicates)
     assert (got.reset_suspected, got.warnings) == (expected.reset_suspected, expected.warnings)
 
@@ -115,7 +145,7 @@ def test_seen_view_shares_the_listings_uidl_objects_and_delivery_times() -> None
     """A listed row keeps no UIDL copy of its own; rows delivered together share one entry."""
     listing = Listing.from_items([(1, b"x" * 40, 5), (2, b"y" * 40, 5)])
     rows = [(b"x" * 40, NOW), (b"y" * 40, NOW), (b"gone", NOW - DAY)]
-    others: list[EntryRow] = [(b"pend", "pending", "n", 1, NOW, None, None)]
+    others: list[EntryRow] = [(b"pend", "pending", "n", 1, NOW, None, None, None, 0)]
     view = SeenView(listing, rows, others)
     keys = list(view)
     assert keys == [b"x" * 40, b"y" * 40, b"gone", b"pend"]

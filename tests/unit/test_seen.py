@@ -17,6 +17,7 @@ import pytest
 import popsync.seen
 from popsync.errors import ExitCode, LockBusy
 from popsync.seen import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     RunRecord,
     SchemaTooNew,
@@ -113,6 +114,80 @@ def test_migrations_run_in_order(db_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert s._conn.execute("SELECT note FROM seen").fetchall() == [("migrated",)]
     with SeenStore.open(db_path) as s:  # not applied twice
         assert s.schema_version == SCHEMA_VERSION + 1
+
+
+def _v1_store(db_path: Path) -> None:
+    """Write a schema-version-1 file as popsync 0.1 did: rows keyed by account label."""
+    db_path.parent.mkdir(mode=0o700, exist_ok=True)
+    with sqlite3.connect(db_path) as raw:
+        for statement in MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 1")
+        raw.executemany(
+            "INSERT INTO seen (account, uidl, state, name, size, first_seen, delivered_at)"
+            " VALUES (?, ?, 'delivered', ?, 10, 1.0, 2.0)",
+            [("work", b"u1", "n1"), ("work", b"u2", "n2"), ("home", b"h1", "n3")],
+        )
+        raw.execute("INSERT INTO runs VALUES ('work', 1.0, 2.0, 'ok', 2, 0, 0, 20, 2, NULL, 0)")
+    raw.close()
+
+
+def test_v1_store_migrates_and_rows_are_adopted_by_mailbox(db_path: Path) -> None:
+    """A version-1 file keeps every row (as label:NAME) until adopt_labels moves it."""
+    _v1_store(db_path)
+    with SeenStore.open(db_path) as s:
+        assert s.schema_version == SCHEMA_VERSION == 2
+        assert set(s.entries("label:work")) == {b"u1", b"u2"}
+        moved = s.adopt_labels({"work": "me@pop.example.com", "new": "x@y"})
+        assert moved == 3  # two seen rows and the run
+        entries = s.entries("me@pop.example.com")
+        assert {u: e.state for u, e in entries.items()} == {b"u1": "delivered", b"u2": "delivered"}
+        assert entries[b"u1"].delivered_at == 2.0
+        assert s.last_runs()["me@pop.example.com"].fetched == 2
+        assert s.entries("label:work") == {}
+        # An account no longer configured keeps its legacy rows for a later config.
+        assert set(s.entries("label:home")) == {b"h1"}
+        assert s.adopt_labels({"work": "me@pop.example.com"}) == 0
+
+
+def test_adopting_never_overwrites_rows_of_the_mailbox(db_path: Path) -> None:
+    """Rows already kept under the mailbox win over legacy rows of the same UIDL."""
+    _v1_store(db_path)
+    with SeenStore.open(db_path) as s:
+        s.mark_too_large("me@h", [(b"u1", 99)], at=3.0)
+        s.adopt_labels({"work": "me@h"})
+        entries = s.entries("me@h")
+        assert (entries[b"u1"].state, entries[b"u2"].state) == ("too_large", "delivered")
+        assert s.mailboxes() == ["label:home", "me@h"]
+
+
+def test_too_large_rows(store: SeenStore) -> None:
+    """too_large rows keep their size, never replace a delivered row, and may become pending."""
+    store.mark_delivered("a", [(b"d", "f")], at=1.0)
+    assert store.mark_too_large("a", [(b"big", 5000), (b"d", 5000)], at=2.0) == 1
+    entries = store.entries("a")
+    assert (entries[b"big"].state, entries[b"big"].size, entries[b"big"].name) == (
+        "too_large",
+        5000,
+        "",
+    )
+    assert entries[b"d"].state == "delivered"
+    assert store.mark_too_large("a", [(b"big", 5000)], at=3.0) == 0  # unchanged
+    assert store.mark_too_large("a", [(b"big", 7000)], at=3.0) == 1
+    store.add_pending("a", [(b"big", "tmpname", 7000)])  # the limit was raised
+    assert store.entries("a")[b"big"].state == "pending"
+
+
+def test_absence_is_counted_and_cleared(store: SeenStore) -> None:
+    """note_absent keeps the first vanish time and counts listings; note_present resets both."""
+    store.mark_delivered("a", [(b"u", "f")], at=1.0)
+    store.note_absent("a", [b"u"], at=10.0)
+    store.note_absent("a", [b"u"], at=20.0)
+    entry = store.entries("a")[b"u"]
+    assert (entry.vanished_at, entry.absent_runs, entry.state) == (10.0, 2, "delivered")
+    assert store.note_present("a", [b"u"]) == 1
+    entry = store.entries("a")[b"u"]
+    assert (entry.vanished_at, entry.absent_runs) == (None, 0)
 
 
 def test_garbage_file_is_a_store_error(db_path: Path) -> None:

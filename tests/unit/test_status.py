@@ -39,20 +39,27 @@ def store(config: Config) -> Iterator[SeenStore]:
         yield opened
 
 
+def _key(account: str) -> str:
+    """The mailbox key of one of _config's accounts."""
+    return f"u@pop.{account}.invalid"
+
+
 def _run(store: SeenStore, account: str, at: float, outcome: str = "ok", **kw: object) -> None:
-    store.record_run(account, RunRecord(started=at - 1, finished=at, outcome=outcome, **kw))  # type: ignore[arg-type]
+    store.record_run(_key(account), RunRecord(started=at - 1, finished=at, outcome=outcome, **kw))  # type: ignore[arg-type]
 
 
 def test_rows_count_delivered_pending_and_last_run(config: Config, store: SeenStore) -> None:
     """Each account's row shows its store counts and its last run."""
-    store.add_pending("home", [(b"u1", "t1", 10), (b"u2", "t2", 20), (b"u3", "t3", 30)])
-    store.mark_delivered("home", [(b"u1", "n1"), (b"u2", "n2")], NOW)
-    store.mark_deleted("home", [b"u1"], NOW)
+    store.add_pending(_key("home"), [(b"u1", "t1", 10), (b"u2", "t2", 20), (b"u3", "t3", 30)])
+    store.mark_delivered(_key("home"), [(b"u1", "n1"), (b"u2", "n2")], NOW)
+    store.mark_deleted(_key("home"), [b"u1"], NOW)
     _run(store, "home", NOW, fetched=2, messages_on_server=3)
     _run(store, "work", NOW - 10, "temporary", error="[IN-USE] locked")
     _run(store, "work", NOW - 5, "temporary", error="[IN-USE] locked")
+    store.mark_too_large(_key("home"), [(b"big", 10**9)], NOW)
     rows = {row.account: row for row in collect_status(config, store)}
     assert list(rows) == ["home", "work", "old"]
+    assert (rows["home"].too_large, rows["work"].too_large) == (1, 0)
     home, work, old = rows["home"], rows["work"], rows["old"]
     assert (home.delivered, home.pending, home.deleted, home.on_server) == (2, 1, 1, 3)
     assert (home.outcome, home.last_run, home.last_fetched, home.host) == (
@@ -76,7 +83,7 @@ def test_plain_rendering_is_an_aligned_table(config: Config, store: SeenStore) -
     lines = out.getvalue().splitlines()
     assert lines[0].split() == [
         "account", "server", "last", "run", "outcome", "on", "server",
-        "delivered", "pending", "rejected", "last", "fetched", "last", "error",
+        "delivered", "pending", "rejected", "too", "large", "last", "fetched", "last", "error",
     ]  # fmt: skip
     assert lines[1].split()[:4] == ["home", "pop.home.invalid:995", "2m", "ago"]
     assert "[AUTH] Authentication failed." in lines[2]

@@ -20,7 +20,7 @@ from popsync.plan import RESET_MIN_DELIVERED
 from popsync.seen import SeenStore
 from popsync.sync import _OWN_TMP, RunResult, clean_debris, sync_account
 from tests.fake_pop3 import Close, Expect, FakePop3Server, Send, Stall, StartTLS, Step
-from tests.synchelp import make_message, stored_form, toml_config
+from tests.synchelp import make_message, only_entries, stored_form, toml_config
 
 __all__: list[str] = []
 
@@ -108,7 +108,7 @@ def test_disconnect_mid_retr_leaves_no_partial_message(tmp_path: Path, store: Se
     assert (result.outcome, result.exit_code) == ("temporary", ExitCode.TEMPORARY)
     assert _files(tmp_path, "new") == [stored_form(M1)]
     assert _files(tmp_path, "tmp") == []
-    entries = store.entries("acct")
+    entries = only_entries(store)
     assert set(entries) == {b"u1"}
     assert entries[b"u1"].state == "delivered"
     assert not any(c.startswith((b"DELE", b"QUIT")) for c in server.commands)
@@ -127,7 +127,7 @@ def test_stalled_retr_times_out_without_a_partial_message(tmp_path: Path, store:
     assert (result.outcome, result.exit_code) == ("temporary", ExitCode.TEMPORARY)
     assert "timed out" in (result.error or "")
     assert _files(tmp_path, "new") == _files(tmp_path, "tmp") == []
-    assert store.entries("acct") == {}
+    assert only_entries(store) == {}
 
 
 def test_duplicate_uidls_are_fetched_once_and_never_deleted(
@@ -156,7 +156,7 @@ def test_duplicate_uidls_are_fetched_once_and_never_deleted(
 def test_uidl_reset_warns_and_fetches_nothing(tmp_path: Path, store: SeenStore) -> None:
     """When every known UIDL vanished and all listed ones are new, the run warns and waits."""
     count = RESET_MIN_DELIVERED + 10
-    store.mark_delivered("acct", [(b"old%d" % i, f"name{i}") for i in range(count)], 1.0)
+    store.mark_delivered("me@127.0.0.1", [(b"old%d" % i, f"name{i}") for i in range(count)], 1.0)
     items = [(i + 1, b"new%d" % i, len(M1)) for i in range(count)]
     script = [*_login(), *_listing(items), Expect(b"QUIT", reply=b"+OK\r\n"), Close()]
     with FakePop3Server(script) as server, capture_logs() as logs:
@@ -166,7 +166,7 @@ def test_uidl_reset_warns_and_fetches_nothing(tmp_path: Path, store: SeenStore) 
     assert (result.fetched, result.deleted, result.forgotten) == (0, 0, 0)
     assert any("UIDL reset suspected" in w for w in result.warnings)
     assert any("UIDL reset" in str(e.get("detail")) for e in logs)
-    assert len(store.entries("acct")) == count  # nothing forgotten either
+    assert len(only_entries(store)) == count  # nothing forgotten either
 
 
 def test_utf8_is_sent_before_login_when_offered(tmp_path: Path, store: SeenStore) -> None:
@@ -190,19 +190,45 @@ def test_utf8_is_sent_before_login_when_offered(tmp_path: Path, store: SeenStore
     assert result.outcome == "ok", result.error
 
 
-def test_message_larger_than_its_list_size_is_cut_off(tmp_path: Path, store: SeenStore) -> None:
-    """A server whose LIST understates a size grossly is cut off near max_message_size."""
+def test_message_larger_than_its_list_size_is_remembered_and_the_rest_synced(
+    tmp_path: Path, store: SeenStore
+) -> None:
+    """A RETR that outgrows LIST is cut off, remembered as too large, and the rest still syncs."""
     big = make_message(9, 200_000)  # far past 10 KB plus the guard's slack
-    script = [
+    after = make_message(2, 100)
+    listing = _listing([(1, b"u1", 100), (2, b"u2", len(after))])
+    first = [*_login(), *listing, Expect(b"RETR 1", reply=_retr_reply(big))]
+    # The cut-off cost the connection: popsync logs in again, skips u1 and fetches u2.
+    second = [
         *_login(),
-        *_listing([(1, b"u1", 100)]),
-        Expect(b"RETR 1", reply=_retr_reply(big)),
+        *listing,
+        Expect(b"RETR 2", reply=_retr_reply(after)),
+        Expect(b"QUIT", reply=b"+OK bye\r\n"),
+        Close(),
     ]
-    with FakePop3Server(script, linger=0.1) as server:
-        result = _run(_account(tmp_path, server, max_message_size="10KB"), store)
-    assert (result.outcome, result.exit_code) == ("protocol", ExitCode.PROTOCOL)
-    assert _files(tmp_path, "new") == _files(tmp_path, "tmp") == []
-    assert store.entries("acct") == {}
+    with FakePop3Server(first, second, linger=0.1) as server:
+        account = _account(tmp_path, server, max_message_size="10KB")
+        result = _run(account, store)
+    server.check()
+    assert (result.outcome, result.exit_code) == ("ok", ExitCode.OK), result.error
+    assert (result.fetched, result.too_large) == (1, 1)
+    assert _files(tmp_path, "tmp") == []
+    assert _files(tmp_path, "new") == [after]
+    entries = only_entries(store)
+    assert entries[b"u1"].state == "too_large"
+    assert (entries[b"u1"].size or 0) > 11_000
+    assert entries[b"u2"].state == "delivered"
+    assert any("u1" in w and "too large" in w for w in result.warnings)
+    assert not any("b'u1'" in w for w in result.warnings)
+    assert "1 too large (left on server)" in result.summary()
+
+    # Next run: nothing is downloaded again, no new warning, the message stays on the server.
+    third = [*_login(), *listing, Expect(b"QUIT", reply=b"+OK bye\r\n"), Close()]
+    with FakePop3Server(third, linger=0.1) as server:
+        again = _run(_account(tmp_path, server, max_message_size="10KB"), store)
+    server.check()
+    assert (again.outcome, again.fetched, again.too_large, again.warnings) == ("ok", 0, 1, [])
+    assert not any(c.startswith((b"RETR", b"DELE")) for c in server.commands)
 
 
 def test_garbage_greeting_is_a_protocol_error(tmp_path: Path, store: SeenStore) -> None:
@@ -269,7 +295,7 @@ def test_stop_request_ends_the_run_between_messages(tmp_path: Path, store: SeenS
         result = _run(_account(tmp_path, server), store, stop=stop)
     assert result.outcome == "temporary"
     assert _files(tmp_path, "tmp") == []
-    assert store.entries("acct") == {}
+    assert only_entries(store) == {}
 
 
 def test_quit_lost_means_deletes_are_sent_again(tmp_path: Path, store: SeenStore) -> None:
@@ -293,10 +319,10 @@ def test_quit_lost_means_deletes_are_sent_again(tmp_path: Path, store: SeenStore
         account = _account(tmp_path, server, delete="after_delivery")
         one = _run(account, store)
         assert one.outcome == "temporary"
-        assert store.entries("acct")[b"u1"].deleted_at is None
+        assert only_entries(store)[b"u1"].deleted_at is None
         two = _run(account, store)
     server.check()
-    assert store.entries("acct")[b"u1"].deleted_at is not None
+    assert only_entries(store)[b"u1"].deleted_at is not None
     assert (two.outcome, two.fetched, two.deleted) == ("ok", 0, 1)
     assert _files(tmp_path, "new") == [stored_form(M1)]
 
@@ -358,7 +384,7 @@ def test_refused_dele_still_quits_and_commits_the_others(tmp_path: Path, store: 
     assert result.deleted == 1
     assert any("refused DELE 1" in w for w in result.warnings)
     assert b"QUIT" in server.commands
-    entries = store.entries("acct")
+    entries = only_entries(store)
     assert entries[b"u1"].deleted_at is None
     assert entries[b"u2"].deleted_at is not None
     assert _files(tmp_path, "new") == [stored_form(M1), stored_form(M2)]
