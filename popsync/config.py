@@ -101,6 +101,7 @@ DEFAULT_PORTS: Mapping[str, int] = {"implicit": 995, "starttls": 110, "none": 11
 # needs anyway), and then each run logs a warning; auth = "auto" never picks them there.
 CLEARTEXT_AUTH = frozenset({"user", "rpop", "plain", "login", "xoauth2", "oauthbearer"})
 
+_STANDARD_PORTS = frozenset(DEFAULT_PORTS.values())
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOML_POSITION_RE = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
@@ -401,8 +402,15 @@ class Account(BaseModel):
 
     @property
     def mailbox(self) -> str:
-        """The seen-store's key: the server's mailbox (user@host), not this account's label."""
-        return f"{self.username}@{self.host.lower().rstrip('.')}"
+        """The seen-store's key: the server's mailbox, not this account's label.
+
+        ``user@host`` on the standard ports (so switching between 995 and STARTTLS on 110
+        keeps the record), ``user@host:port`` on any other port (another server).
+        """
+        host = self.host.lower().rstrip(".")
+        if self.port in _STANDARD_PORTS:
+            return f"{self.username}@{host}"
+        return f"{self.username}@{host}:{self.port}"
 
     @property
     def secret_source(self) -> str:

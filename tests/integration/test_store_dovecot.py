@@ -144,7 +144,7 @@ def test_version_1_store_is_migrated_without_redownloading(
     assert "acct: ok, 0 fetched" in out
     assert_exactly_once(maildir_messages(tmp_path / "Maildir"), messages)
     with SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as store:
-        assert store.mailboxes() == [f"{mail_user.name}@{dovecot.host}"]
+        assert store.mailboxes() == [f"{mail_user.name}@{dovecot.host}:{dovecot.pop3s_port}"]
 
 
 def test_too_large_is_remembered_shown_and_fetched_after_raising_the_limit(

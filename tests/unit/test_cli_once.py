@@ -288,10 +288,11 @@ def test_password_never_printed_or_logged(
 
 def test_account_locked_by_another_process_exits_75(tmp_path: Path) -> None:
     """While another process holds the account's lock, --once exits 75 and touches nothing."""
-    config = _config(tmp_path, acct=_plain_keys(tmp_path, _closed_port()))
+    port = _closed_port()
+    config = _config(tmp_path, acct=_plain_keys(tmp_path, port))
     with (
         SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as store,
-        store.lock("me@127.0.0.1"),
+        store.lock(f"me@127.0.0.1:{port}"),
     ):
         proc = run_popsync(["--once", "-c", config])
     assert proc.returncode == 75

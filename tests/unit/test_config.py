@@ -319,10 +319,12 @@ def test_mailbox_key_ignores_the_label_and_host_case() -> None:
     renamed = MINIMAL.replace("accounts.work", "accounts.renamed").replace(
         "pop.example.com", "POP.Example.COM."
     )
-    assert (
-        parse_config(renamed).accounts["renamed"].mailbox
-        == parse_config(MINIMAL).accounts["work"].mailbox
-    )
+    work = parse_config(MINIMAL).accounts["work"]
+    assert parse_config(renamed).accounts["renamed"].mailbox == work.mailbox
+    starttls = parse_config(MINIMAL + 'tls = "starttls"\n').accounts["work"]
+    assert (starttls.port, starttls.mailbox) == (110, work.mailbox)
+    other = parse_config(MINIMAL + "port = 1995\n").accounts["work"]
+    assert other.mailbox == work.mailbox + ":1995"
 
 
 @pytest.mark.parametrize(
