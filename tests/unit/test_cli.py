@@ -216,16 +216,18 @@ def test_check_config_reports_everything_in_one_round(
     loose = tmp_path / "loose.pw"
     loose.write_text("pw\n")
     loose.chmod(0o644)
-    head = 'host = "h"\nusername = "u"\n'
+    head = 'host = "h"\nusername = "u-{}"\n'  # one mailbox per account
     path = _write(
         tmp_path,
-        f'[accounts.a]\n{head}prot = 1\npassword_file = "{tmp_path / "missing.pw"}"\n'
-        f'maildir = "{tmp_path / "a"}"\n'
-        f'[accounts.b]\n{head}password_env = "POPSYNC_UNSET_PW"\nmaildir = "{tmp_path / "b"}"\n'
-        f'[accounts.c]\n{head}password_command = "no-such-program-xyz --token"\n'
+        f"[accounts.a]\n{head.format('a')}prot = 1\n"
+        f'password_file = "{tmp_path / "missing.pw"}"\nmaildir = "{tmp_path / "a"}"\n'
+        f'[accounts.b]\n{head.format("b")}password_env = "POPSYNC_UNSET_PW"\n'
+        f'maildir = "{tmp_path / "b"}"\n'
+        f'[accounts.c]\n{head.format("c")}password_command = "no-such-program-xyz --token"\n'
         f'maildir = "{tmp_path / "no" / "parent" / "c"}"\n'
         f'tls_ca_file = ["system", "{tmp_path / "ca.pem"}"]\n'
-        f'[accounts.d]\n{head}password_file = "{loose}"\nmaildir = "{tmp_path / "d"}"\n',
+        f'[accounts.d]\n{head.format("d")}password_file = "{loose}"\n'
+        f'maildir = "{tmp_path / "d"}"\n',
     )
     assert main(["check-config", "-c", str(path)]) == ExitCode.CONFIG
     lines = capsys.readouterr().err.splitlines()[1:]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from popsync.config import parse_config
+from popsync.config import Account, parse_config
 from popsync.errors import ExitCode
 from popsync.importer import StateFileError, import_state, parse_fetchmail, parse_mpop
 from popsync.seen import SeenStore
@@ -19,7 +19,7 @@ MPOP = (
 )
 
 
-def _account(tmp_path: Path, user: str = "me@example.com") -> object:
+def _account(tmp_path: Path, user: str = "me@example.com") -> Account:
     text = (
         f'[accounts.a]\nhost = "POP.example.com"\nusername = "{user}"\npassword = "p"\n'
         f'maildir = "{tmp_path / "m"}"\n'
@@ -70,14 +70,14 @@ def test_import_counts_imported_known_and_ignored(tmp_path: Path) -> None:
     state = tmp_path / "uidls"
     state.write_bytes(MPOP)
     with SeenStore.open(tmp_path / "s.sqlite3") as store:
-        store.mark_delivered("a", [(b"A2", "x")], 1.0)
-        report = import_state("mpop", state, account, store, now=5.0)  # type: ignore[arg-type]
+        store.mark_delivered(account.mailbox, [(b"A2", "x")], 1.0)
+        report = import_state("mpop", state, account, store, now=5.0)
         assert (report.imported, report.known) == (1, 1)
         assert report.summary() == (
             f"a: imported 1 UIDL(s) from {state} as delivered, 1 already known; "
             "ignored 1 of other mailboxes (other@pop.example.com: 1)"
         )
-        assert store.entries("a")[b"A1"].state == "delivered"
+        assert store.entries(account.mailbox)[b"A1"].state == "delivered"
 
 
 def test_getmail6_matches_the_file_name(tmp_path: Path) -> None:
@@ -90,12 +90,12 @@ def test_getmail6_matches_the_file_name(tmp_path: Path) -> None:
     broken = tmp_path / "oldmail-pop.example.com-110-me-y"
     broken.write_bytes(b"U1 1700000000\n")
     with SeenStore.open(tmp_path / "s.sqlite3") as store:
-        report = import_state("getmail6", ours, account, store)  # type: ignore[arg-type]
+        report = import_state("getmail6", ours, account, store)
         assert report.imported == 2
         with pytest.raises(StateFileError, match="cannot tell which server and user"):
-            import_state("getmail6", renamed, account, store)  # type: ignore[arg-type]
+            import_state("getmail6", renamed, account, store)
         with pytest.raises(StateFileError, match=r":1: expected UIDL, a NUL byte and a timestamp"):
-            import_state("getmail6", broken, account, store)  # type: ignore[arg-type]
+            import_state("getmail6", broken, account, store)
 
 
 def test_unreadable_and_binary_files_are_refused(tmp_path: Path) -> None:
