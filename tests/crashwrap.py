@@ -24,6 +24,8 @@ Everything is done by monkeypatching popsync's functions from outside; productio
 has no fault hooks. When the step is never reached the run finishes normally and the
 process exits with popsync's own exit code, so a caller can tell "killed" (-9) from "done".
 ``--events FILE`` appends the name of every hook event to FILE (for choosing N).
+``--trace FILE`` records every fsync, rename and seen-store commit (`tests.durability`),
+``--disable-fsync KIND`` makes one kind of flush a no-op, to prove the order check notices.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from tests.durability import DISABLE, install_trace
 
 __all__ = ["STEPS", "CrashPlan", "install", "main"]
 
@@ -169,6 +173,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--nth", type=int, default=1)
     parser.add_argument("--batch-messages", type=int, default=None)
     parser.add_argument("--events", type=Path, default=None)
+    parser.add_argument("--trace", type=Path, default=None)
+    parser.add_argument("--disable-fsync", choices=DISABLE, default=None)
     return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
@@ -180,12 +186,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_messages is not None:
         sync.BATCH_MESSAGES = args.batch_messages
     events = args.events.open("a", encoding="utf-8") if args.events is not None else None
+    trace = args.trace.open("a", encoding="utf-8") if args.trace is not None else None
+    if trace is not None:
+        install_trace(trace, args.disable_fsync)  # first: the crash hooks call the traced os.*
     install(CrashPlan(args.at, args.nth, events))
     try:
         return cli.main(popsync_args)
     finally:
-        if events is not None:
-            events.close()
+        for handle in (events, trace):
+            if handle is not None:
+                handle.close()
 
 
 if __name__ == "__main__":
