@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 from devtools.dovecot import Dovecot, DovecotLmtp, MailUser, dovecot_available, lmtp_available
 
-__all__ = ["ca_file", "dovecot", "in_ci", "lmtp_server", "mail_user", "require_lmtp"]
+__all__ = ["ca_file", "dovecot", "in_ci", "lmtp_server", "mail_user", "require_lmtp", "unavailable"]
 
 _INSTALL_HINT = "install dovecot-core and dovecot-pop3d (./dev setup does it)"
 
@@ -20,6 +21,25 @@ _INSTALL_HINT = "install dovecot-core and dovecot-pop3d (./dev setup does it)"
 def in_ci() -> bool:
     """True when the CI environment variable says we run in CI."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A server, tool or tmpfs a test needs is missing: skip locally, fail in CI."""
+    if in_ci():
+        pytest.fail(f"CI is set but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, None]:
+    """In CI a Dovecot test that skips, for whatever reason, is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and in_ci() and item.get_closest_marker("dovecot") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"CI is set but this Dovecot test was skipped: {report.longrepr}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -20,6 +20,7 @@ from bench.proxy import DelayProxy
 from bench.run import Options, render, run_bench
 from bench.verify import verify_maildir
 from devtools.dovecot import dovecot_available
+from tests.conftest import unavailable
 
 __all__: list[str] = []
 
@@ -149,9 +150,9 @@ def bench_out() -> Iterator[Path]:
 def test_quick_bench_verifies_every_run(bench_out: Path) -> None:
     """The smoke benchmark fetches every scenario with each tool and every run verifies OK."""
     if not dovecot_available():
-        pytest.skip("Dovecot is not installed")
+        unavailable("Dovecot is not installed (./dev setup installs it)")
     if shutil.which("mpop") is None:
-        pytest.skip("mpop is not installed (python -m bench.run installs it as root)")
+        unavailable("mpop is not installed (./dev setup installs it)")
     tools = _smoke_tools()
     scenarios = ("a", "b", "c", "lat", *(("scale",) if "popsync" in tools else ()))
     opts = Options(

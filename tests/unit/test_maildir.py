@@ -19,6 +19,7 @@ import pytest
 import popsync.maildir
 from popsync.errors import LocalIOError
 from popsync.maildir import Maildir, MessageMissing, TmpMessage, base_name, new_unique_name
+from tests.conftest import unavailable
 
 NAME_RE = re.compile(r"^\d+\.M\d{1,6}P\d+Q\d+R[0-9a-f]{16}\.[^/:,]+$")
 
@@ -351,7 +352,7 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
+        unavailable(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
     try:
         yield mnt
     finally:
