@@ -19,6 +19,7 @@ __all__ = [
     "PopsyncError",
     "SecretError",
     "TlsError",
+    "TlsVersionError",
     "UserError",
 ]
 
@@ -75,6 +76,15 @@ class TlsError(PopsyncError):
     """A TLS handshake or connection failed transiently; retry later."""
 
     exit_code = ExitCode.TEMPORARY
+
+
+class TlsVersionError(TlsError):
+    """The server offers only TLS older than 1.2 (popsync's minimum); nothing was sent.
+
+    Not temporary either: an old server does not learn TLS 1.2 by itself (PROTOCOL, 76).
+    """
+
+    exit_code = ExitCode.PROTOCOL
 
 
 class CertificateError(TlsError):

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CertificateError, ConfigError, NetworkError, TlsError
+from .errors import CertificateError, ConfigError, NetworkError, TlsError, TlsVersionError
 from .units import normalize_fingerprint
 
 __all__ = [
@@ -275,6 +275,12 @@ def client_context(
     return _tls12(context)
 
 
+#: OpenSSL's reasons when client and server share no TLS version (the server's is too old).
+_OLD_TLS_REASONS = frozenset(
+    {"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "WRONG_SSL_VERSION"}
+)
+
+
 def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
@@ -298,6 +304,11 @@ def _mapped(
         error.x509_error = exc.verify_code
         raise error from exc
     except ssl.SSLError as exc:
+        if exc.reason in _OLD_TLS_REASONS:
+            raise TlsVersionError(
+                f"{where}: the server offers no TLS 1.2 or newer (during {action}:"
+                f" {exc.reason}); popsync refuses older TLS"
+            ) from exc
         raise TlsError(f"{where}: TLS error during {action}: {exc.reason or exc}") from exc
     except TimeoutError as exc:
         remaining = None if pace is None else pace.remaining()

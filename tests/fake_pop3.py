@@ -30,6 +30,7 @@ import struct
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -81,9 +82,14 @@ class ExpectAny:
 
 @dataclass(frozen=True)
 class StartTLS:
-    """Do a server-side TLS handshake; ``untrusted`` presents a cert from an unknown CA."""
+    """Do a server-side TLS handshake; ``untrusted`` presents a cert from an unknown CA.
+
+    ``legacy`` offers nothing newer than TLS 1.1; a client that refuses it ends the script
+    there without an error (the refusal is what such a test expects).
+    """
 
     untrusted: bool = False
+    legacy: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,11 +131,18 @@ class _TlsFiles:
     ca_file: Path
     context: ssl.SSLContext
     untrusted_context: ssl.SSLContext
+    legacy_context: ssl.SSLContext
 
 
-def _server_context(ca: trustme.CA) -> ssl.SSLContext:
+def _server_context(ca: trustme.CA, *, legacy: bool = False) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    if legacy:  # a server stuck at TLS 1.1 (OpenSSL 3 needs security level 0 for it)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     return ctx
 
 
@@ -141,7 +154,12 @@ def _tls_files() -> _TlsFiles:
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     ca_file = Path(tmp) / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    return _TlsFiles(ca_file, _server_context(ca), _server_context(trustme.CA()))
+    return _TlsFiles(
+        ca_file,
+        _server_context(ca),
+        _server_context(trustme.CA()),
+        _server_context(ca, legacy=True),
+    )
 
 
 def fake_ca_file() -> Path:
@@ -163,6 +181,8 @@ class FakePop3Server:
         self.received: list[bytes] = []
         self.errors: list[str] = []
         self.connections = 0
+        #: Handshakes a client refused at a StartTLS(legacy=True) step.
+        self.legacy_refused = 0
         self.ca_file = fake_ca_file()
         self._stop = threading.Event()
         self._listener = socket.create_server((self.host, 0))
@@ -324,9 +344,14 @@ class _Session:
             raise self.fail(n, f"client sent {self.buffer!r} before the TLS handshake")
         files = _tls_files()
         ctx = files.untrusted_context if step.untrusted else files.context
+        if step.legacy:
+            ctx = files.legacy_context
         try:
             self.sock = ctx.wrap_socket(self.sock, server_side=True)
         except (OSError, ssl.SSLError) as exc:
+            if step.legacy:
+                self.server.legacy_refused += 1
+                raise _ScriptAbort from None
             raise self.fail(n, f"TLS handshake failed: {exc!r}") from None
 
     def drain(self) -> None:
