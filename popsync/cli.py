@@ -287,9 +287,16 @@ def _setup_logging(config: Config, args: argparse.Namespace, *, quiet_on_tty: bo
 
 
 def open_store(config: Config) -> SeenStore:
-    """Open the seen-store in the config's state directory, adopting pre-v2 rows by label."""
+    """Open the seen-store in the config's state directory, adopting pre-v2 rows by label.
+
+    Refused under systemd when the config names another state directory, and as root in a
+    state directory another user owns (see `popsync.owner`).
+    """
+    from popsync.owner import check_state_directory, refuse_foreign_root
     from popsync.seen import SeenStore
 
+    check_state_directory(config.state_dir)
+    refuse_foreign_root(config.state_dir, "state directory")
     store = SeenStore.open(config.state_dir / "popsync.sqlite3")
     try:
         store.adopt_labels({name: a.mailbox for name, a in config.accounts.items()})

@@ -56,6 +56,7 @@ from popsync.deliver.base import deferral
 from popsync.errors import ExitCode, LocalIOError, PopsyncError
 from popsync.listing import Listing, SeenView
 from popsync.maildir import Maildir, TmpMessage, sanitize_host
+from popsync.owner import claim_maildir, refuse_foreign_root
 from popsync.plan import Plan, Policy, plan_sync, show_uidl
 from popsync.pop3 import errors as pop3_errors
 from popsync.pop3.sasl import credential_forms
@@ -823,7 +824,12 @@ def sync_account(
     during_login = False
     try:
         with store.lock(account.mailbox, account.name):
+            for path, what in ((account.maildir, "Maildir"), (account.mbox, "mbox")):
+                if path is not None:
+                    refuse_foreign_root(path, what)
             target = open_target(account, store.path.parent)
+            if account.maildir is not None:
+                claim_maildir(account.maildir, store.path)
             result.recovered = recover(account.mailbox, store, target, clock())
             if result.recovered:
                 log.info("recovered interrupted deliveries", count=result.recovered)

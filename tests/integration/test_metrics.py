@@ -103,7 +103,8 @@ def test_metrics_match_what_the_daemon_did(
     )
     assert value(got, "popsync_messages_deleted_total", account="alice") == 2
     assert value(got, "popsync_messages_too_large", account="alice") == 1
-    assert value(got, "popsync_seen_entries", account="alice") == 2
+    # Two delivered and the too-large one, remembered so it is not tried again.
+    assert value(got, "popsync_seen_entries", account="alice") == 3
     assert value(got, "popsync_seen_entries", account="wrong") == 0
     last = value(got, "popsync_last_success_timestamp_seconds", account="alice")
     assert started - 1 <= last <= time.time()
@@ -129,8 +130,9 @@ def test_metrics_match_what_the_daemon_did(
     assert value(got, "popsync_runs_total", account="alice", outcome="ok") == 2
     assert value(got, "popsync_messages_fetched_total", account="alice") == 3
     assert value(got, "popsync_messages_deleted_total", account="alice") == 3
-    # The two deleted in the first run are gone from the server, so the store forgot them.
-    assert value(got, "popsync_seen_entries", account="alice") == 1
+    # The two deleted in the first run are gone from the server: kept, as vanished, until
+    # forget_after (30 days) and three listings pass; plus the too-large one and the new one.
+    assert value(got, "popsync_seen_entries", account="alice") == 4
     assert value(got, "popsync_runs_total", account="wrong", outcome="auth") == 2
     assert value(got, "popsync_backoff_seconds", account="wrong") == 2 * SLOW_START
     assert daemon.stop()[0] == 0

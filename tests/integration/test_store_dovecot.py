@@ -133,13 +133,14 @@ def test_version_1_store_is_migrated_without_redownloading(
     messages = [make_message(i) for i in range(3)]
     dovecot.deliver_many(mail_user, messages)
     keys = dovecot_keys(dovecot, mail_user, tmp_path / "Maildir")
-    first = tmp_path / "first"
-    first.mkdir()
-    assert _once(str(write_config(first / "c.toml", first / "state", {"acct": keys})))[0] == 0
-    with SeenStore.open(first / "state" / "popsync.sqlite3") as store:
+    config = _config(tmp_path, "acct", keys)
+    assert _once(config)[0] == 0
+    db = tmp_path / "state" / "popsync.sqlite3"
+    with SeenStore.open(db) as store:
         rows = [(e.uidl, e.name) for e in only_entries(store).values()]
-    _write_v1_store(tmp_path / "state" / "popsync.sqlite3", "acct", rows)
-    code, out, err = _once(_config(tmp_path, "acct", keys))
+    shutil.rmtree(db.parent)  # the same store, as popsync 0.1 would have left it
+    _write_v1_store(db, "acct", rows)
+    code, out, err = _once(config)
     assert code == 0, err
     assert "acct: ok, 0 fetched" in out
     assert_exactly_once(maildir_messages(tmp_path / "Maildir"), messages)
@@ -174,3 +175,30 @@ def test_too_large_is_remembered_shown_and_fetched_after_raising_the_limit(
     assert_exactly_once(maildir_messages(tmp_path / "Maildir"), [small, big])
     assert len(maildir_files(tmp_path / "Maildir")) == 2
     assert sorted(dovecot.messages(mail_user)) == sorted([small, big])  # nothing deleted
+
+
+def test_a_second_seen_store_for_one_maildir_is_refused(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path
+) -> None:
+    """A manual run whose config picks another store than the service's is refused (78)."""
+    messages = [make_message(i) for i in range(3)]
+    dovecot.deliver_many(mail_user, messages)
+    keys = dovecot_keys(dovecot, mail_user, tmp_path / "Maildir")
+    service = tmp_path / "service"
+    manual = tmp_path / "manual"
+    for where in (service, manual):
+        where.mkdir()
+    service_config = write_config(service / "c.toml", service / "state", {"acct": keys})
+    manual_config = write_config(manual / "c.toml", manual / "state", {"acct": keys})
+    assert _once(str(service_config))[0] == 0
+    code, _, err = _once(str(manual_config))
+    assert code == 78, err
+    assert f'set state_dir = "{service / "state"}"' in err
+    assert_exactly_once(maildir_messages(tmp_path / "Maildir"), messages)
+    # Under systemd the config's state_dir must be the unit's StateDirectory=.
+    proc = run_popsync(
+        ["--once", "-c", str(service_config)], env={"STATE_DIRECTORY": str(manual / "state")}
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert "is not the service's state directory" in proc.stderr
+    assert_exactly_once(maildir_messages(tmp_path / "Maildir"), messages)
