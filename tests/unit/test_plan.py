@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import popsync.plan
@@ -350,7 +350,7 @@ def cases(draw: st.DrawFn) -> tuple[list[ListingItem], dict[bytes, Entry], Polic
     return listing, seen, draw(policies)
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_properties(case: tuple[list[ListingItem], dict[bytes, Entry], Policy]) -> None:
     """The planner's safety invariants hold for arbitrary listings and seen states."""
@@ -425,7 +425,7 @@ def _apply(plan: Plan, seen: dict[bytes, Entry], now: float) -> dict[bytes, Entr
     return after
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(listings, st.lists(st.sampled_from(["empty", "same", "half"]), min_size=1, max_size=6))
 def test_glitchy_listings_never_refetch(listing: list[ListingItem], glitches: list[str]) -> None:
     """Within forget_after, empty or shrunken listings never make a delivered message come back."""
