@@ -16,7 +16,14 @@ from popsync.errors import ExitCode, NetworkError
 from popsync.seen import SeenStore
 from popsync.sync import RunResult, sync_account
 from tests.fake_pop3 import Drip, Expect, FakePop3Server, Send, StartTLS, Step
-from tests.synchelp import make_message, run_popsync, stored_form, toml_config, write_config
+from tests.synchelp import (
+    make_message,
+    only_entries,
+    run_popsync,
+    stored_form,
+    toml_config,
+    write_config,
+)
 
 __all__: list[str] = []
 
@@ -127,7 +134,7 @@ def test_a_dripping_retr_falls_below_the_minimum_rate(tmp_path: Path, store: See
     assert "low_speed_limit = 1024 bytes/s over low_speed_time = 1s" in error
     assert 0.9 < elapsed < 2.0
     assert _maildir(tmp_path, "new") == _maildir(tmp_path, "tmp") == []
-    assert store.entries("acct") == {}
+    assert only_entries(store) == {}
 
 
 def test_a_large_message_on_a_slow_link_still_arrives(tmp_path: Path, store: SeenStore) -> None:
