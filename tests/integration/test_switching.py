@@ -266,7 +266,8 @@ def test_dry_run_names_what_it_would_delete(
     assert main(["ls", "acct", "--json", "-c", str(config)]) == 0
     first = json.loads(capsys.readouterr().out)[0]["uidl"]
     with SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as store:
-        store.mark_delivered("acct", [(first.encode(), "")], time.time() - 3 * 86400)
+        mailbox = f"{mail_user.name}@{dovecot.host}:{dovecot.pop3s_port}"
+        store.mark_delivered(mailbox, [(first.encode(), "")], time.time() - 3 * 86400)
     assert main(["--once", "--dry-run", "-c", str(config)]) == 0
     out = capsys.readouterr().out
     assert "would fetch 1 message(s)" in out
