@@ -407,15 +407,15 @@ def _prime(run: peers.ToolRun, srv: peers.Server, seen: int, template: Path) -> 
     run.owner.chown(run.state)
 
 
-def _popsync_template(path: Path, seen: int) -> None:
-    """A seen-store in which messages 1..seen of account "bench" are delivered."""
+def _popsync_template(path: Path, seen: int, mailbox: str) -> None:
+    """A seen-store in which messages 1..seen of ``mailbox`` (its store key) are delivered."""
     from popsync.seen import SeenStore
 
     path.unlink(missing_ok=True)
     with SeenStore.open(path) as store:
         for start in range(1, seen + 1, 50_000):
             batch = range(start, min(start + 50_000, seen + 1))
-            store.mark_delivered("bench", [(bigbox.uidl(n), f"primed.{n}") for n in batch], 1e9)
+            store.mark_delivered(mailbox, [(bigbox.uidl(n), f"primed.{n}") for n in batch], 1e9)
 
 
 def _scale_uidl(bench: Bench) -> list[ScenarioResult]:
@@ -435,10 +435,12 @@ def _scale_uidl(bench: Bench) -> list[ScenarioResult]:
         base = bench.storage.path / name
         base.mkdir(parents=True, exist_ok=True)
         template = base / "popsync-primed.sqlite3"
-        if "popsync" in tools:
-            _popsync_template(template, seen)
         with bigbox.BigBox(count) as box:
             srv = peers.Server(box.host, box.port, "bench", "bench")
+            if "popsync" in tools:
+                # The store's key is popsync.config.Account.mailbox: user@host:port on a port
+                # other than 110/995, which bigbox's ephemeral port always is.
+                _popsync_template(template, seen, f"{srv.username}@{srv.host}:{srv.port}")
             runs = {t: peers.setup_tool(t, base / t, srv, bench.owner, bench.py) for t in tools}
             for i in range(opts.runs):
                 for tool, run in runs.items():

@@ -41,7 +41,7 @@ def measure(count: int) -> list[tuple[str, float, float, float]]:
     phases: list[tuple[str, float, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "seen.sqlite3"
-        _popsync_template(db, count - SCALE_UIDL_NEW)
+        _popsync_template(db, count - SCALE_UIDL_NEW, "bench")
         server = subprocess.Popen(
             [sys.executable, "-m", "bench.bigbox", str(count)],
             stdin=subprocess.PIPE,

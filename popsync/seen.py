@@ -54,6 +54,8 @@ from popsync.errors import LocalIOError, LockBusy
 
 __all__ = [
     "DB_FILENAME",
+    "FRESH_SCHEMA",
+    "FRESH_VERSION",
     "LEGACY_PREFIX",
     "MIGRATIONS",
     "SCHEMA_VERSION",
@@ -164,6 +166,15 @@ MIGRATIONS += (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+#: A new file starts at this version with these tables (version 2's, created directly: replaying
+#: version 1 and its rebuild would cost pages a nearly full disk may not have); later
+#: migrations then apply as to any file.
+FRESH_VERSION = 2
+FRESH_SCHEMA = tuple(
+    statement.replace("_v2 (", " (", 1)
+    for statement in MIGRATIONS[1]
+    if statement.startswith("CREATE TABLE")
+)
 
 _BUSY_TIMEOUT_MS = 10_000
 # Primary SQLite result codes that mean "the disk or file is the problem", not a bug.
@@ -329,10 +340,14 @@ class SeenStore:
                 f"{self.path} has schema version {version}, but this popsync understands up to"
                 f" {target}; upgrade popsync or point state_dir elsewhere"
             )
+        if version == 0:
+            for statement in FRESH_SCHEMA:
+                conn.execute(statement)
+            version = FRESH_VERSION
         for step in MIGRATIONS[version:]:
             for statement in step:
                 conn.execute(statement)
-        if version != target:
+        if int(conn.execute("PRAGMA user_version").fetchone()[0]) != target:
             conn.execute(f"PRAGMA user_version = {target}")
 
     @property

@@ -192,9 +192,9 @@ def test_quick_scale_uidl_primes_both_tools_and_each_fetches_only_the_new(
 ) -> None:
     """scale-uidl (quick): mpop and popsync start primed and fetch exactly the 10 new messages."""
     if not dovecot_available():
-        pytest.skip("Dovecot is not installed")
+        unavailable("Dovecot is not installed (./dev setup installs it)")
     if shutil.which("mpop") is None:
-        pytest.skip("mpop is not installed (python -m bench.run installs it as root)")
+        unavailable("mpop is not installed (./dev setup installs it)")
     opts = Options(
         scenarios=("scale-uidl",),
         tools=("mpop", "popsync"),

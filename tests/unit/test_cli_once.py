@@ -278,7 +278,7 @@ def test_password_never_printed_or_logged(
         assert SECRET not in proc.stderr
         assert "FAILED (auth)" in proc.stderr
     account = load_config(Path(config)).accounts["acct"]
-    with SeenStore.open(tmp_path / "state2" / "popsync.sqlite3") as store, capture_logs() as logs:
+    with SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as store, capture_logs() as logs:
         result = sync_account(account, store)
     assert result.outcome == "auth"
     assert logs, "the run logged nothing"

@@ -150,6 +150,24 @@ def test_v1_store_migrates_and_rows_are_adopted_by_mailbox(db_path: Path) -> Non
         assert s.adopt_labels({"work": "me@pop.example.com"}) == 0
 
 
+def _columns(db: Path) -> dict[str, list[tuple[object, ...]]]:
+    with sqlite3.connect(db) as raw:
+        tables = [r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        info = {t: raw.execute(f"PRAGMA table_info({t})").fetchall() for t in sorted(tables)}
+    raw.close()
+    return info
+
+
+def test_a_new_file_has_exactly_the_migrated_schema(tmp_path: Path) -> None:
+    """Creating version 2 directly gives the same tables as migrating a version-1 file."""
+    fresh, old = tmp_path / "fresh" / "s.sqlite3", tmp_path / "old" / "s.sqlite3"
+    SeenStore.open(fresh).close()
+    _v1_store(old)
+    SeenStore.open(old).close()
+    assert _columns(fresh) == _columns(old)
+    assert set(_columns(fresh)) == {"seen", "runs"}
+
+
 def test_adopting_never_overwrites_rows_of_the_mailbox(db_path: Path) -> None:
     """Rows already kept under the mailbox win over legacy rows of the same UIDL."""
     _v1_store(db_path)
