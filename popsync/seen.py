@@ -19,8 +19,8 @@ them under ``label:<name>`` (a label can contain neither ``:`` nor ``@``) until
 
 A row's state is *pending* (in ``tmp/``, see `popsync.sync`), *delivered*, *too_large* (never
 downloaded: bigger than the account's ``max_message_size``; ``size`` is its LIST size or, when
-RETR outgrew LIST, at least that many octets) or *rejected* (reserved for delivery targets that
-refuse a message). ``vanished_at``/``absent_runs`` record since when and for how many
+RETR outgrew LIST, at least that many octets) or *rejected* (a delivery target refused it for good;
+``name`` holds the reason). ``vanished_at``/``absent_runs`` record since when and for how many
 consecutive complete listings a UIDL has been missing from the server; `popsync.plan` forgets a
 row only when both are large enough.
 
