@@ -166,13 +166,13 @@ MIGRATIONS += (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-#: A new file starts at this version with these tables (version 2's, created directly: replaying
-#: version 1 and its rebuild would cost pages a nearly full disk may not have); later
+#: A new file starts at this version with these tables (version 3's, created directly: replaying
+#: versions 1-2 and their rebuilds would cost pages a nearly full disk may not have); later
 #: migrations then apply as to any file.
-FRESH_VERSION = 2
+FRESH_VERSION = 3
 FRESH_SCHEMA = tuple(
-    statement.replace("_v2 (", " (", 1)
-    for statement in MIGRATIONS[1]
+    statement.replace("_v3 (", " (", 1)
+    for statement in MIGRATIONS[2]
     if statement.startswith("CREATE TABLE")
 )
 

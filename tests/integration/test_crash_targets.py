@@ -19,6 +19,7 @@ from devtools.dovecot import Dovecot, DovecotLmtp, MailUser
 from popsync.config import load_config
 from popsync.seen import SeenStore
 from popsync.sync import sync_account
+from tests.conftest import unavailable
 from tests.integration.test_deliver_lmtp import strip_trace
 from tests.integration.test_deliver_mda_mbox import _split_raw
 from tests.synchelp import (
@@ -98,7 +99,7 @@ def test_sigkill_at_each_step_of_a_spooled_delivery(
 ) -> None:
     """Kill at this step, then a normal run: no loss; duplicates only in the named window."""
     if kind == "mda" and not Path("/usr/bin/maildrop").exists():
-        pytest.skip("maildrop is not installed")
+        unavailable("maildrop is not installed (./dev setup installs it)")
     messages = [make_message(i, 200 + 37 * i, tag=kind) for i in range(COUNT)]
     dovecot.deliver_many(mail_user, messages)
     keys, delivered = _target(kind, tmp_path, lmtp_server)

@@ -136,7 +136,7 @@ def test_v1_store_migrates_and_rows_are_adopted_by_mailbox(db_path: Path) -> Non
     """A version-1 file keeps every row (as label:NAME) until adopt_labels moves it."""
     _v1_store(db_path)
     with SeenStore.open(db_path) as s:
-        assert s.schema_version == SCHEMA_VERSION == 2
+        assert s.schema_version == SCHEMA_VERSION == 3
         assert set(s.entries("label:work")) == {b"u1", b"u2"}
         moved = s.adopt_labels({"work": "me@pop.example.com", "new": "x@y"})
         assert moved == 3  # two seen rows and the run

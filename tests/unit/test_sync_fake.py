@@ -218,7 +218,7 @@ def test_message_larger_than_its_list_size_is_remembered_and_the_rest_synced(
     assert (result.outcome, result.exit_code) == ("ok", ExitCode.OK), result.error
     assert (result.fetched, result.too_large) == (1, 1)
     assert _files(tmp_path, "tmp") == []
-    assert _files(tmp_path, "new") == [after]
+    assert _files(tmp_path, "new") == [stored_form(after)]
     entries = only_entries(store)
     assert entries[b"u1"].state == "too_large"
     assert (entries[b"u1"].size or 0) > 11_000
