@@ -16,7 +16,13 @@ from popsync.seen import SeenStore
 from popsync.sync import RunResult, sync_account
 from tests.conftest import require_lmtp
 from tests.corpus import CORPUS, served
-from tests.synchelp import assert_exactly_once, dovecot_account, make_message, stored_form
+from tests.synchelp import (
+    assert_exactly_once,
+    dovecot_account,
+    make_message,
+    only_entries,
+    stored_form,
+)
 
 __all__: list[str] = []
 
@@ -122,7 +128,7 @@ def test_trace_headers_name_the_lmtp_recipient(
     account = account.model_copy(update={"add_headers": ("delivered-to", "x-popsync-uidl")})
     assert sync_account(account, store).outcome == "ok"
     (stored,) = lmtp_server.folder_messages(rcpt)
-    uidl = next(iter(store.entries("acct")))
+    uidl = next(iter(only_entries(store)))
     ours = f"Delivered-To: {rcpt.name}@example.org\nX-Popsync-UIDL: {uidl.decode()}\n"
     assert stored.startswith(b"Return-Path: <>\n")  # Dovecot's own fields come first
     assert stored.endswith(b"\n" + ours.encode() + stored_form(message))
@@ -165,7 +171,7 @@ def test_permanent_refusal_is_recorded_rejected_and_never_retried(
     assert any("rejected by lmtp: LMTP 552" in w for w in result.warnings)
     assert_exactly_once([strip_trace(m) for m in small_lmtp.folder_messages(rcpt)], small)
     assert dovecot.messages(mail_user) == [big]
-    states = sorted(e.state for e in store.entries("acct").values())
+    states = sorted(e.state for e in only_entries(store).values())
     assert states == ["delivered", "delivered", "delivered", "rejected"]
     again = _sync(dovecot, mail_user, tmp_path, store, **keys)
     assert (again.outcome, again.fetched, again.rejected) == ("ok", 0, 0)
@@ -188,7 +194,7 @@ def test_unreachable_server_defers_then_delivers_from_the_spool(
     result = _sync(dovecot, mail_user, tmp_path, store, **down)
     assert (result.outcome, result.exit_code) == ("temporary", ExitCode.TEMPORARY)
     assert "delivery deferred for 3 message(s)" in (result.error or "")
-    assert {e.state for e in store.entries("acct").values()} == {"pending"}
+    assert {e.state for e in only_entries(store).values()} == {"pending"}
     assert len(list((tmp_path / "state" / "spool" / "acct" / "tmp").iterdir())) == 3
     assert len(dovecot.messages(mail_user)) == 3  # nothing DELEd
     done = _sync(dovecot, mail_user, tmp_path, store, **keys)

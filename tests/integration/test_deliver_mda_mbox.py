@@ -25,6 +25,7 @@ from tests.synchelp import (
     assert_exactly_once,
     dovecot_account,
     make_message,
+    only_entries,
     stored_form,
 )
 
@@ -146,7 +147,7 @@ def test_mda_exit_codes_defer_or_fail_and_keep_the_message(
     assert result.outcome == "ok", result.error
     assert (result.recovered, result.fetched, result.deleted) == (1, 0, 1)
     assert out.read_bytes() == stored_form(message)
-    uidl = next(iter(store.entries("acct")))
+    uidl = next(iter(only_entries(store)))
     assert (tmp_path / "delivered.eml.args").read_text() == f"acct:{uidl.hex()}\n"
 
 
@@ -160,7 +161,7 @@ def test_mda_time_limit_kills_and_defers(
     assert result.exit_code == ExitCode.TEMPORARY
     assert "timed out after 1s" in (result.error or "")
     assert result.duration < 15
-    assert {e.state for e in store.entries("acct").values()} == {"pending"}
+    assert {e.state for e in only_entries(store).values()} == {"pending"}
 
 
 def _unquote(message: bytes) -> bytes:

@@ -124,7 +124,7 @@ def test_trace_headers_are_prepended_in_rfc5322_form(
         update={"add_headers": ("x-popsync-uidl", "received", "delivered-to")}
     )
     _sync(account, store)
-    uidls = {e.uidl for e in store.entries("acct").values()}
+    uidls = {e.uidl for e in only_entries(store).values()}
     bodies = {stored_form(m) for m in messages}
     for data in maildir_messages(tmp_path / "Maildir"):
         parsed = email.message_from_bytes(data, policy=email.policy.default)
