@@ -122,6 +122,8 @@ def open_session(
             secret,
             mechanism=account.auth,
             allow_plaintext=account.allow_plaintext,
+            # Exchange Online's POP3 takes XOAUTH2 only in two steps (AUTH, "+", response).
+            oauth_two_step=account.oauth2_provider == "microsoft",
         )
     except BaseException:
         client.close()

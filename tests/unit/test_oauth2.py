@@ -290,3 +290,31 @@ def test_token_of_another_client_needs_a_new_login(tmp_path: Path) -> None:
            expires_at=time.time() + 3600)  # fmt: skip
     with pytest.raises(OAuth2Error, match="belongs to another client"):
         access_token(account, tmp_path)
+
+
+def test_microsoft_accounts_send_xoauth2_in_two_steps(tmp_path: Path) -> None:
+    """Exchange Online gets AUTH XOAUTH2, then the response after "+", with the cached token."""
+    import base64
+
+    from popsync.session import open_session
+    from tests.fake_pop3 import Expect, FakePop3Server, Send, StartTLS, Step
+
+    response = base64.b64encode(b"user=jane@example.org\x01auth=Bearer at-cached\x01\x01")
+    steps: list[Step] = [
+        StartTLS(),
+        Send(b"+OK ready\r\n"),
+        Expect(b"CAPA", reply=b"+OK\r\nSASL XOAUTH2\r\n.\r\n"),
+        Expect(b"AUTH XOAUTH2", reply=b"+ \r\n"),
+        Expect(response, reply=b"+OK logged in\r\n"),
+    ]
+    with FakePop3Server(steps) as server:
+        text = _BASE.replace('"pop.example.org"', f'"{server.host}"') + (
+            f'port = {server.port}\ntls_ca_file = "{server.ca_file}"\n'
+            'auth = "xoauth2"\noauth2_provider = "microsoft"\noauth2_client_id = "c"\n'
+        )
+        account = parse_config(text).accounts["a"]
+        now = time.time()
+        _store(tmp_path, account, access_token="at-cached", issued_at=now, expires_at=now + 3600)
+        client = open_session(account, access_token(account, tmp_path))
+        client.close()
+    server.check()
