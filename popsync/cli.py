@@ -572,21 +572,21 @@ def _mark_seen(args: argparse.Namespace) -> ExitCode:
 def _dry_run(args: argparse.Namespace) -> ExitCode:
     import time
 
-    from popsync.preview import dry_run, read_entries
+    from popsync.preview import dry_run, read_state
     from popsync.sync import classify_error
 
     config = _load(args)
     codes = []
     for account in _select(config, args.account):
         try:
-            entries = read_entries(config.state_dir / "popsync.sqlite3", account.mailbox)
+            entries, first = read_state(config.state_dir / "popsync.sqlite3", account.mailbox)
             plan = dry_run(account, _secret(account, config.state_dir), entries, time.time())
         except Exception as exc:  # report it and go on with the next account
             code = classify_error(exc, during_login=True)
             codes.append(code)
             _say(sys.stderr, f"{account.name}: FAILED ({code.name.lower()}) {_one_line(exc)}")
             continue
-        _say(sys.stdout, _describe_plan(account, plan, first_run=not entries))
+        _say(sys.stdout, _describe_plan(account, plan, first_run=first))
         codes.append(ExitCode.OK)
     return worst_exit_code(codes)
 

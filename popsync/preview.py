@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from popsync.config import Account
     from popsync.seen import SeenEntry
 
-__all__ = ["HEADER_FIELDS", "Listed", "dry_run", "list_mailbox", "read_entries"]
+__all__ = ["HEADER_FIELDS", "Listed", "dry_run", "list_mailbox", "read_entries", "read_state"]
 
 #: Header fields ``ls --headers`` shows.
 HEADER_FIELDS = ("From", "Date", "Subject")
@@ -55,12 +55,18 @@ class Listed:
 
 def read_entries(db: Path, mailbox: str) -> Mapping[bytes, SeenEntry]:
     """The mailbox's seen rows, or none when the store does not exist yet (never creates it)."""
+    return read_state(db, mailbox)[0]
+
+
+def read_state(db: Path, mailbox: str) -> tuple[Mapping[bytes, SeenEntry], bool]:
+    """The mailbox's seen rows and whether this would be its first run (see sync)."""
     if not db.exists():
-        return {}
+        return {}, True
     from popsync.seen import SeenStore
+    from popsync.sync import is_first_run
 
     with SeenStore.open(db) as store:
-        return store.entries(mailbox)
+        return store.entries(mailbox), is_first_run(store, mailbox)
 
 
 def _state(entry: SeenEntry | None, too_large: bool) -> str:
