@@ -175,7 +175,9 @@ def _connect(
 
 def _check_plain_port(account: Account, exc: TlsError) -> None:
     """After a failed implicit-TLS handshake: does this port greet in plain text?"""
-    greeting = net.probe_greeting(account.host, account.port, min(account.timeout, 10.0))
+    greeting = net.probe_greeting(
+        account.host, account.port, min(account.timeout, GREETING_PATIENCE)
+    )
     if greeting is not None and greeting.startswith((b"+OK", b"-ERR")):
         raise ConfigError(
             [
