@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from popsync import net
 from popsync.client import Pop3Client, StartTlsUnavailable
 from popsync.errors import CertificateError, ConfigError, TlsError
-from popsync.textsafe import scrub
+from popsync.textsafe import escape_controls, scrub
 
 if TYPE_CHECKING:
     from popsync.config import Account
@@ -58,8 +58,8 @@ def clean_text(text: str | bytes, limit: int = 200) -> str:
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    text = scrub(text)
-    shown = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text[: limit * 2])
+    # popsync.textsafe's one definition of what must not reach a terminal or a log.
+    shown = escape_controls(scrub(text))
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
