@@ -70,9 +70,13 @@ def read_state(db: Path, mailbox: str) -> tuple[Mapping[bytes, SeenEntry], bool]
 
 
 def _state(entry: SeenEntry | None, too_large: bool) -> str:
-    if entry is not None:
-        return str(entry.state)
-    return "too large" if too_large else "new"
+    """new, delivered, pending, too large, rejected, or vanished (listed again after it was
+    missing from earlier listings)."""
+    if entry is None:
+        return "too large" if too_large else "new"
+    if entry.vanished_at is not None:
+        return "vanished"
+    return str(entry.state).replace("_", " ")
 
 
 def _uidl_text(uidl: bytes) -> str:
