@@ -12,8 +12,18 @@ from typing import NoReturn
 import pytest
 
 from devtools.dovecot import Dovecot, DovecotLmtp, MailUser, dovecot_available, lmtp_available
+from devtools.postgres import Postgres, postgres_available
 
-__all__ = ["ca_file", "dovecot", "in_ci", "lmtp_server", "mail_user", "require_lmtp", "unavailable"]
+__all__ = [
+    "ca_file",
+    "dovecot",
+    "in_ci",
+    "lmtp_server",
+    "mail_user",
+    "postgres",
+    "require_lmtp",
+    "unavailable",
+]
 
 _INSTALL_HINT = "install dovecot-core and dovecot-pop3d (./dev setup does it)"
 
@@ -34,19 +44,23 @@ def unavailable(reason: str) -> NoReturn:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, None]:
-    """In CI a Dovecot test that skips, for whatever reason, is reported as a failure."""
+    """In CI a Dovecot or PostgreSQL test that skips, for whatever reason, is a failure."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and in_ci() and item.get_closest_marker("dovecot") is not None:
+    servers = [name for name in ("dovecot", "postgres") if item.get_closest_marker(name)]
+    if report.skipped and in_ci() and servers:
         report.outcome = "failed"
-        report.longrepr = f"CI is set but this Dovecot test was skipped: {report.longrepr}"
+        report.longrepr = f"CI is set but this {servers[0]} test was skipped: {report.longrepr}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses the Dovecot server, so ``-m "not dovecot"`` works."""
+    """Mark every test that uses Dovecot or PostgreSQL, so ``-m "not dovecot"`` works."""
     for item in items:
-        if "dovecot" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "dovecot" in fixtures:
             item.add_marker(pytest.mark.dovecot)
+        if "postgres" in fixtures:
+            item.add_marker(pytest.mark.postgres)
 
 
 def _server_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bool]:
@@ -110,3 +124,20 @@ def lmtp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotLmt
     finally:
         if remove:
             shutil.rmtree(root, ignore_errors=True)
+
+
+_POSTGRES_HINT = "install postgresql (./dev setup does it)"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A running private PostgreSQL cluster (initdb + pg_ctl) on a free loopback port."""
+    if not postgres_available():
+        unavailable(f"PostgreSQL is not installed: {_POSTGRES_HINT}")
+    # Not under pytest's 0700 temp base: as root the server runs as the postgres user.
+    root = Path(tempfile.mkdtemp(prefix="popsync-postgres-"))
+    try:
+        with Postgres(root) as server:
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
