@@ -24,7 +24,7 @@ never touch PostgreSQL do not pay for the import.
 from __future__ import annotations
 
 import os
-import socket
+import platform
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -100,7 +100,7 @@ class Lease:
 
 def default_worker_id() -> str:
     """``host:pid``: unique among live workers, readable in ``popsync status``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{platform.node()}:{os.getpid()}"
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> int:
