@@ -193,15 +193,20 @@ class MboxTarget(SpoolTarget):
         except (ValueError, KeyError, TypeError):
             return None  # a torn journal: nothing was appended after it
 
-    def _rendered(self, items: Sequence[Spooled], now: float) -> list[tuple[bytes, Path]]:
-        return [
-            (from_line(envelope_sender(self.path(i.name)), now), self.path(i.name)) for i in items
-        ]
+    def _rendered(self, items: Sequence[Spooled]) -> list[tuple[bytes, Path]]:
+        # The From line is dated by the spool file (when the message arrived), not by the
+        # clock at hand-over, so an append redone by recover() is byte-identical.
+        rendered = []
+        for item in items:
+            spool = self.path(item.name)
+            head = from_line(envelope_sender(spool), spool.stat().st_mtime)
+            rendered.append((head, spool))
+        return rendered
 
     def hand_over(self, items: Sequence[Spooled]) -> list[Outcome]:
         if not items:
             return []
-        rendered = self._rendered(items, time.time())
+        rendered = self._rendered(items)
         planned = sum(len(head) + sum(len(c) for c in mboxrd_quoted(p)) for head, p in rendered)
         with self._locked() as fd:
             start = os.lseek(fd, 0, os.SEEK_END)

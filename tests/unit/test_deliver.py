@@ -225,3 +225,14 @@ def test_seen_store_migrates_to_rejected_and_keeps_rows(tmp_path: Path) -> None:
     finally:
         conn.close()
     assert "'rejected'" in check
+
+
+def test_mbox_from_line_is_dated_by_the_spool_file(tmp_path: Path) -> None:
+    """The From line carries the message's arrival time, so a redone append is identical."""
+    path = tmp_path / "mbox"
+    target = MboxTarget(tmp_path / "spool", mbox=path)
+    with target.open() as msg:
+        msg.write(b"Subject: x\r\n\r\ny\r\n")
+    os.utime(target.path(msg.name), (1_000_000_000, 1_000_000_000))
+    target.hand_over([Spooled(b"u", msg.name, msg.size)])
+    assert path.read_bytes().startswith(b"From MAILER-DAEMON Sun Sep  9 01:46:40 2001\n")
