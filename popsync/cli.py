@@ -10,11 +10,12 @@ pay for APScheduler or rich when it does not use them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+import types
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -248,16 +249,22 @@ def _say(stream: TextIO, text: str) -> None:
     print(text, file=stream, flush=True)
 
 
-def _load(args: argparse.Namespace) -> Config:
-    from popsync.config import load_config
-
+def _load(args: argparse.Namespace, *, cached: bool = False) -> Config:
+    """The validated config; ``cached`` (short read-only runs) may skip pydantic entirely."""
     path = _config_path(args)
     if args.config is None and not path.exists():
         searched = ", ".join(str(p) for p in config_search_path())
         raise ConfigError(
             [f"cannot read config file: none found (looked for {searched}); use -c FILE"]
         )
-    config = load_config(path)
+    if cached:
+        from popsync.configcache import load_config_cached
+
+        config = load_config_cached(path)
+    else:
+        from popsync.config import load_config
+
+        config = load_config(path)
     for warning in config.warnings:
         _say(sys.stderr, f"popsync: warning: {warning}")
     return config
@@ -308,9 +315,11 @@ def open_store(config: Config) -> SeenStore:
 
 # ----------------------------------------------------------------------------- --once
 def _run_once(args: argparse.Namespace) -> ExitCode:
+    from concurrent.futures import ThreadPoolExecutor
+
     from popsync.sync import sync_account
 
-    config = _load(args)
+    config = _load(args, cached=True)
     accounts = _select(config, args.account)
     _setup_logging(config, args, quiet_on_tty=True)
     store = open_store(config)
@@ -401,7 +410,7 @@ def _status(args: argparse.Namespace) -> ExitCode:
     from popsync.status import collect_status, daemon_line, render_status, state_dir_of
 
     try:
-        config = _load(args)
+        config = _load(args, cached=True)
     except ConfigError:
         # A broken file may be what the running daemon just rejected: say so, then fail.
         daemon = daemon_line(state_dir_of(_config_path(args)))
@@ -427,7 +436,7 @@ def _status(args: argparse.Namespace) -> ExitCode:
 def _healthcheck(args: argparse.Namespace) -> ExitCode:
     from popsync.status import healthcheck
 
-    config = _load(args)
+    config = _load(args, cached=True)
     store = open_store(config)
     try:
         healthy, reason = healthcheck(config, store, max_age=args.max_age)
@@ -675,33 +684,54 @@ def _dispatch(args: argparse.Namespace) -> ExitCode:
     return _daemon(args)
 
 
-def _lean_structlog() -> None:
-    """Import structlog without rich when no terminal will show rich output.
+class _OnDemand(types.ModuleType):
+    """Stands in for a module in structlog's namespaces; imports the real one on first use."""
 
-    structlog imports rich (for pretty tracebacks in its console renderer) whenever rich
-    is installed: about 40 ms and 4 MiB that JSON logs never use, paid by every
-    ``popsync --once`` from a timer. A ``None`` entry in ``sys.modules`` makes that
-    optional import fail as if rich were absent; rich itself stays importable for the
-    status table and the progress bar afterwards.
+    def __getattr__(self, name: str) -> object:
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+# Imported by structlog at the top, used only in functions popsync never calls: asyncio by
+# structlog.stdlib's async methods (~30 ms, several MiB), uuid (and with it platform) by
+# the deprecated structlog.threadlocal.
+_STRUCTLOG_ON_DEMAND = ("asyncio", "uuid")
+# Commands that never log through structlog do not import it at all.
+_NO_STRUCTLOG = frozenset({"status", "healthcheck"})
+
+
+def _lean_structlog() -> None:
+    """Import structlog without the parts a sync run never uses: rich, asyncio, uuid.
+
+    structlog imports rich whenever it is installed (pretty tracebacks for its console
+    renderer: ~40 ms, ~4 MiB that JSON logs never use) and a few modules it needs only in
+    functions popsync never calls (:data:`_STRUCTLOG_ON_DEMAND`). While structlog is
+    imported, a ``None`` entry in ``sys.modules`` makes the optional rich import fail as
+    if rich were absent (only off a terminal) and an :class:`_OnDemand` stand-in answers
+    each of the others; the entries are removed afterwards, so rich (status table,
+    progress bar), asyncio and uuid stay importable as usual.
     """
-    if "structlog" in sys.modules or sys.stderr.isatty() or sys.stdout.isatty():
+    if "structlog" in sys.modules:
         return
-    saved = sys.modules.get("rich")
-    sys.modules["rich"] = None  # type: ignore[assignment]
+    stand_ins: dict[str, types.ModuleType | None] = {
+        name: _OnDemand(name) for name in _STRUCTLOG_ON_DEMAND
+    }
+    if not (sys.stderr.isatty() or sys.stdout.isatty()):
+        stand_ins["rich"] = None
+    stand_ins = {name: m for name, m in stand_ins.items() if name not in sys.modules}
+    sys.modules.update(stand_ins)  # type: ignore[arg-type]
     try:
         import structlog  # noqa: F401
     finally:
-        if saved is None:
-            del sys.modules["rich"]
-        else:
-            sys.modules["rich"] = saved
+        for name in stand_ins:
+            del sys.modules[name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``popsync`` console script."""
-    _lean_structlog()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and usage errors exit here, before any logging
+    if args.command not in _NO_STRUCTLOG:
+        _lean_structlog()
     try:
         return int(_dispatch(args))
     except ConfigError as exc:

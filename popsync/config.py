@@ -49,6 +49,7 @@ __all__ = [
     "Pipelining",
     "TlsMode",
     "TraceHeader",
+    "config_from_bytes",
     "default_state_dir",
     "load_config",
     "parse_config",
@@ -894,6 +895,11 @@ def load_config(path: Path) -> Config:
         mode = path.stat().st_mode
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    return config_from_bytes(path, raw, mode)
+
+
+def config_from_bytes(path: Path, raw: bytes, mode: int) -> Config:
+    """Validate ``raw``, read from ``path`` whose ``st_mode`` is ``mode`` (for the warning)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -22,10 +22,13 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from popsync.config import Account
 from popsync.errors import SecretError
 from popsync.textsafe import escape_controls
+
+if TYPE_CHECKING:  # at run time the account may be a configcache.Record: no pydantic import
+    from popsync.config import Account
 
 __all__ = [
     "COMMAND_ENV",
