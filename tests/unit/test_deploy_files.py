@@ -271,6 +271,9 @@ def test_oneshot_service_and_timer() -> None:
     argv = shlex.split(service["Service.ExecStart"][0])
     assert argv[0] == BINARY
     assert "--once" in argv
+    # A persistent, private place for the validated-config cache (else ProtectHome hides ~).
+    assert service["Service.CacheDirectory"] == ["popsync"]
+    assert service["Service.CacheDirectoryMode"] == ["0700"]
     timer = _unit("popsync-once.timer")
     assert timer["Timer.OnBootSec"]
     assert timer["Timer.OnUnitActiveSec"] == ["5min"]

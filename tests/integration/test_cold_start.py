@@ -1,0 +1,92 @@
+"""What a short run imports: ``popsync --once`` off a terminal, ``--help`` and ``status``.
+
+Each command runs in a fresh interpreter with pipes for stdin, stdout and stderr (as
+under cron or a systemd timer) and reports ``sys.modules`` at exit. The start-up of a
+timer run is mostly imports, so the heavy ones it never uses must stay out: rich
+(structlog's pretty tracebacks), APScheduler (the daemon's), asyncio (structlog's async
+methods) and, once the validated config is cached, pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from devtools.dovecot import Dovecot, MailUser
+from tests.synchelp import TomlValue, dovecot_keys, maildir_messages, make_message, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+NEVER_ON_A_TIMER_RUN = ("rich", "apscheduler", "asyncio")
+
+# Runs popsync's main() and writes the names of all imported modules to $MODULES_OUT.
+_WRAPPER = (
+    "import json, os, sys\n"
+    "from popsync.cli import main\n"
+    "try:\n"
+    "    code = main(sys.argv[1:])\n"
+    "finally:\n"
+    "    with open(os.environ['MODULES_OUT'], 'w') as out:\n"
+    "        json.dump(sorted(sys.modules), out)\n"
+    "sys.exit(code)\n"
+)
+
+
+def run_popsync(tmp_path: Path, *args: str) -> tuple[int, set[str]]:
+    """Exit code and imported top-level package names of one ``popsync ARGS`` run."""
+    out = tmp_path / "modules.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, *args],
+        check=False,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "MODULES_OUT": str(out), "PYTHONPATH": str(ROOT)},
+    )
+    modules = json.loads(out.read_text())
+    return proc.returncode, {name.split(".")[0] for name in modules}
+
+
+def test_once_off_a_terminal_imports_only_what_it_uses(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path
+) -> None:
+    """--once imports no rich, APScheduler or asyncio; with the config cached, no pydantic."""
+    dovecot.deliver_many(mail_user, [make_message(i) for i in range(3)])
+    maildir = tmp_path / "Maildir"
+    config = write_config(
+        tmp_path / "popsync.toml",
+        tmp_path / "state",
+        {"acct": dovecot_keys(dovecot, mail_user, maildir)},
+    )
+    first_code, first = run_popsync(tmp_path, "--once", "-c", str(config))
+    assert first_code == 0
+    assert len(maildir_messages(maildir)) == 3
+    again_code, again = run_popsync(tmp_path, "--once", "-c", str(config))
+    assert again_code == 0
+    for modules in (first, again):
+        assert {"structlog", "sqlite3", "ssl"} <= modules  # it did log and sync
+        assert not modules & set(NEVER_ON_A_TIMER_RUN), sorted(modules & set(NEVER_ON_A_TIMER_RUN))
+    assert "pydantic" in first  # the first run validated and cached the config
+    assert "pydantic" not in again
+
+
+def test_help_and_status_stay_light(tmp_path: Path) -> None:
+    """--help imports neither structlog nor pydantic; a cached status no pydantic either."""
+    keys: dict[str, TomlValue] = {
+        "host": "pop.example.org",
+        "username": "alice",
+        "password_env": "POPSYNC_TEST_PASSWORD",
+        "maildir": str(tmp_path / "Maildir"),
+    }
+    config = write_config(tmp_path / "popsync.toml", tmp_path / "state", {"acct": keys})
+    code, modules = run_popsync(tmp_path, "--help")
+    assert code == 0
+    assert not modules & {"structlog", "pydantic", "rich", "sqlite3", "ssl"}
+    assert run_popsync(tmp_path, "status", "-c", str(config))[0] == 0
+    code, modules = run_popsync(tmp_path, "status", "-c", str(config))
+    assert code == 0
+    assert "sqlite3" in modules
+    assert not modules & {"pydantic", "structlog", "apscheduler", "asyncio"}
