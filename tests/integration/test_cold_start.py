@@ -90,3 +90,24 @@ def test_help_and_status_stay_light(tmp_path: Path) -> None:
     assert code == 0
     assert "sqlite3" in modules
     assert not modules & {"pydantic", "structlog", "apscheduler", "asyncio"}
+
+
+def test_structlog_stand_ins_forward_to_the_real_modules() -> None:
+    """After the lean import, structlog's own references to asyncio and uuid still work."""
+    code = (
+        "import sys; from popsync.cli import _lean_structlog; _lean_structlog()\n"
+        "assert 'asyncio' not in sys.modules and 'uuid' not in sys.modules\n"
+        "import asyncio, uuid, structlog.stdlib, structlog.threadlocal\n"
+        "assert structlog.stdlib.asyncio.get_running_loop is asyncio.get_running_loop\n"
+        "assert structlog.threadlocal.uuid.UUID is uuid.UUID\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert (proc.returncode, proc.stdout) == (0, "ok\n"), proc.stderr
