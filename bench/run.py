@@ -9,6 +9,7 @@ bench/out/results-<timestamp>.md (``--write-results`` also copies it to bench/RE
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
 import datetime as dt
 import json
@@ -498,6 +499,9 @@ def run_bench(opts: Options) -> Report:
     missing = peers.ensure_peers_installed(install=opts.install)
     if missing:
         _log(f"missing peer packages: {', '.join(missing)} (those tools are skipped)")
+    # popsync runs from bytecode, as an installed package does: the tools' unprivileged user
+    # cannot write __pycache__ into the checkout, so every run would compile every module.
+    compileall.compile_dir(peers.REPO / "popsync", quiet=1)
     storage = setup_storage(opts.out, opts.storage)
     report.storage = storage.description
     _log(f"Maildirs on: {storage.description}")
