@@ -205,3 +205,12 @@ def test_a_hit_imports_no_pydantic(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout
     assert out.split() == ["pop.example.org", "False"]
+
+
+def test_the_example_config_is_cached_whole(tmp_path: Path) -> None:
+    """Every key of config.example.toml survives the cache (a new key type would show here)."""
+    path = write(tmp_path, (ROOT / "config.example.toml").read_text())
+    validated = load_config_cached(path, tmp_path / "cache")
+    hit = load_config_cached(path, tmp_path / "cache")
+    assert isinstance(hit, Record), "the example config was not cached"
+    same_values(hit, validated)
