@@ -248,3 +248,12 @@ def test_daemon_probe_times_polls_and_collects_failures(tmp_path: Path) -> None:
         life = daemon.stop()
     assert life.exit_code == 0
     assert '"daemon started"' in (tmp_path / "daemon.log").read_text()
+
+
+def test_coldstart_measures_a_run() -> None:
+    """bench.coldstart times one popsync run from a checkout: wall, CPU and peak RSS."""
+    from bench.coldstart import _measure
+
+    wall, cpu, rss = _measure(Path(__file__).resolve().parents[2], ["--help"])
+    assert 0 < cpu <= wall + 0.5
+    assert 5 < rss < 200
