@@ -14,6 +14,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,20 +22,27 @@ __all__ = ["main"]
 
 
 def _measure(checkout: Path, args: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS in MiB of one ``popsync ARGS`` run."""
+    """Wall seconds, CPU seconds and peak RSS in MiB of one ``popsync ARGS`` run.
+
+    The RSS comes from GNU time's %M, as in the bench harness: ``wait4``'s ru_maxrss would
+    also count the memory the child shared with this process between fork and exec.
+    """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "popsync", *args],
-        cwd=checkout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _pid, _status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    with tempfile.NamedTemporaryFile("r", prefix="coldstart-", suffix=".rss") as rss_file:
+        started = time.perf_counter()
+        timed = ["/usr/bin/time", "-f", "%M", "-o", rss_file.name, sys.executable]
+        proc = subprocess.Popen(
+            [*timed, "-m", "popsync", *args],
+            cwd=checkout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _pid, _status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        rss_kib = int(rss_file.read().split()[-1])
+    return wall, usage.ru_utime + usage.ru_stime, rss_kib / 1024
 
 
 def main(argv: list[str] | None = None) -> int:
