@@ -59,7 +59,7 @@ from popsync.maildir import Maildir, TmpMessage, sanitize_host
 from popsync.owner import claim_maildir, refuse_foreign_root
 from popsync.plan import Plan, Policy, plan_sync, show_uidl
 from popsync.pop3 import errors as pop3_errors
-from popsync.pop3.sasl import credential_forms
+from popsync.pop3.sasl import REVEALING, credential_forms
 from popsync.textsafe import add_secrets, safe_text, scrub_scope
 from popsync.trace import TraceHeaders
 from popsync.units import human_bytes
@@ -816,8 +816,6 @@ def sync_account(
     Whatever the server says is shown only through :func:`popsync.textsafe.safe_text`, with
     the account's secret, in every form it is sent, scrubbed for the rest of the run.
     """
-    from popsync.config import CLEARTEXT_AUTH
-
     log = structlog.get_logger("popsync.sync").bind(account=account.name, host=account.host)
     result = RunResult(account=account.name, started=clock())
     started = time.monotonic()
@@ -846,7 +844,9 @@ def sync_account(
             add_secrets(
                 credential_forms(account.username, secret, host=account.host, port=account.port)
             )
-            if account.tls == "none" and account.auth in CLEARTEXT_AUTH:
+            # sasl.REVEALING is config.CLEARTEXT_AUTH in upper case; importing popsync.config
+            # here would import pydantic into every run that read a cached config.
+            if account.tls == "none" and account.auth.upper() in REVEALING:
                 log.warning(
                     "sending the password unencrypted",
                     auth=account.auth,

@@ -214,3 +214,11 @@ def test_the_example_config_is_cached_whole(tmp_path: Path) -> None:
     hit = load_config_cached(path, tmp_path / "cache")
     assert isinstance(hit, Record), "the example config was not cached"
     same_values(hit, validated)
+
+
+def test_sync_checks_cleartext_auth_without_the_config_module() -> None:
+    """sync uses sasl.REVEALING for config.CLEARTEXT_AUTH: the same set, in upper case."""
+    from popsync.config import CLEARTEXT_AUTH
+    from popsync.pop3.sasl import REVEALING
+
+    assert {name.upper() for name in CLEARTEXT_AUTH} == REVEALING
