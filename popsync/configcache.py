@@ -37,7 +37,6 @@ __all__ = ["Record", "cache_dir", "load_config_cached"]
 
 _FORMAT = 1
 _ENV_KEYS = ("HOME", "STATE_DIRECTORY", "XDG_STATE_HOME")
-_SECRET_KEYS = ("password", "password_file", "password_command", "password_env")
 
 
 class Record:
@@ -58,11 +57,6 @@ class Record:
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self._values.items() if k != "password")
         return f"{type(self).__name__}({shown})"
-
-    @property
-    def secret_source(self) -> str:
-        """As ``Account.secret_source``: which key supplies the secret."""
-        return next((key for key in _SECRET_KEYS if self._values.get(key) is not None), "")
 
 
 class _Secret:
@@ -143,6 +137,17 @@ def _decode(value: object) -> object:
     return value
 
 
+def _properties(cls: type) -> list[str]:
+    """The read-only properties of a model (``Account.mailbox``): stored with the fields."""
+    return [
+        name
+        for klass in cls.__mro__
+        if klass.__module__ == "popsync.config"
+        for name, value in vars(klass).items()
+        if isinstance(value, property)
+    ]
+
+
 def _dump(config: Config, text: str) -> dict[str, Any]:
     """The JSON document for ``config``; an inline password as the table it came from."""
     import tomllib
@@ -151,11 +156,14 @@ def _dump(config: Config, text: str) -> dict[str, Any]:
 
     own_tables = tomllib.loads(text).get("accounts", {})
     settings = {
-        name: _encode(getattr(config, name)) for name in Config.model_fields if name != "accounts"
+        name: _encode(getattr(config, name))
+        for name in [*Config.model_fields, *_properties(Config)]
+        if name != "accounts"
     }
     accounts = {}
     for name, account in config.accounts.items():
-        values = {field: getattr(account, field) for field in Account.model_fields}
+        names = [*Account.model_fields, *_properties(Account)]
+        values = {field: getattr(account, field) for field in names}
         if values["password"] is not None:
             values["password"] = "accounts" if "password" in own_tables[name] else "defaults"
         accounts[name] = {field: _encode(value) for field, value in values.items()}

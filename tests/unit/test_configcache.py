@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from popsync.config import Account, Config, load_config
-from popsync.configcache import Record, cache_dir, load_config_cached
+from popsync.configcache import Record, _properties, cache_dir, load_config_cached
 from popsync.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +76,8 @@ def same_values(cached: Config, validated: Config) -> None:
                 continue
             assert ours == theirs, (key, name)
             assert type(ours) is type(theirs), (key, name)
-        assert hit.secret_source == account.secret_source
+        for name in _properties(Account):  # mailbox, secret_source, ...
+            assert getattr(hit, name) == getattr(account, name), (key, name)
 
 
 def test_a_hit_has_the_values_load_config_gives(tmp_path: Path) -> None:
