@@ -688,6 +688,8 @@ class _OnDemand(types.ModuleType):
     """Stands in for a module in structlog's namespaces; imports the real one on first use."""
 
     def __getattr__(self, name: str) -> object:
+        if sys.modules.get(self.__name__) is self:  # used while structlog is being imported
+            raise ImportError(f"{self.__name__} is on demand during the structlog import")
         return getattr(importlib.import_module(self.__name__), name)
 
 
@@ -720,10 +722,18 @@ def _lean_structlog() -> None:
     stand_ins = {name: m for name, m in stand_ins.items() if name not in sys.modules}
     sys.modules.update(stand_ins)  # type: ignore[arg-type]
     try:
-        import structlog  # noqa: F401
+        import structlog
+    except ImportError:
+        # A structlog that uses one of these at import time: forget the half-imported
+        # package and import it the plain way below (slower start, nothing broken).
+        for name in [m for m in sys.modules if m.partition(".")[0] == "structlog"]:
+            del sys.modules[name]
+    else:
+        return
     finally:
         for name in stand_ins:
             del sys.modules[name]
+    import structlog  # noqa: F401
 
 
 def main(argv: Sequence[str] | None = None) -> int:

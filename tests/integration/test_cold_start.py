@@ -111,3 +111,27 @@ def test_structlog_stand_ins_forward_to_the_real_modules() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert (proc.returncode, proc.stdout) == (0, "ok\n"), proc.stderr
+
+
+def test_a_structlog_that_needs_a_stand_in_at_import_still_imports(tmp_path: Path) -> None:
+    """A structlog that uses uuid while it is imported still imports (the plain way)."""
+    fake = tmp_path / "structlog"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("from uuid import uuid4\nMARK = uuid4()\n")
+    code = (
+        "import sys, uuid; from popsync.cli import _lean_structlog\n"
+        "del sys.modules['uuid']\n"
+        "_lean_structlog()\n"
+        "import structlog, uuid\n"
+        "assert isinstance(structlog.MARK, uuid.UUID), structlog.MARK\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+    )
+    assert (proc.returncode, proc.stdout) == (0, "ok\n"), proc.stderr
