@@ -742,6 +742,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # --help and usage errors exit here, before any logging
     if args.command not in _NO_STRUCTLOG:
         _lean_structlog()
+    from popsync.textsafe import scrubbing
+
+    # Secrets a command registers for scrubbing (popsync test, ls, ...) end with it, so a
+    # caller that runs several commands in one process never carries them over; the error
+    # lines below are still printed inside the scope.
+    with scrubbing():
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become one line (or one per config problem)."""
     try:
         return int(_dispatch(args))
     except ConfigError as exc:

@@ -254,3 +254,21 @@ def test_help_lists_the_switching_commands(capsys: pytest.CaptureFixture[str]) -
         assert word in text
     assert main(["--dry-run", "-c", "/nonexistent.toml"]) == ExitCode.USAGE
     assert "--dry-run needs --once" in capsys.readouterr().err
+
+
+def test_secrets_a_command_registers_end_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret registered for scrubbing during one main() call is not scrubbed after it."""
+    from popsync import cli
+    from popsync.textsafe import REDACTED, add_secrets, scrub
+
+    during: list[str] = []
+
+    def dispatch(args: object) -> int:
+        add_secrets(["s3cr3t-of-one-run"])
+        during.append(scrub("s3cr3t-of-one-run"))
+        return 0
+
+    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    assert cli.main(["status"]) == 0
+    assert during == [REDACTED]
+    assert scrub("s3cr3t-of-one-run") == "s3cr3t-of-one-run"
