@@ -70,6 +70,7 @@ __all__ = [
     "TmpMessage",
     "base_name",
     "new_unique_name",
+    "process_gone",
     "sanitize_host",
     "virtual_size",
 ]
@@ -464,3 +465,19 @@ class Maildir:
                     (self.tmp / entry.name).unlink(missing_ok=True)
                     removed.append(entry.name)
         return removed
+
+
+def process_gone(pid: int) -> bool:
+    """True when no process ``pid`` exists here (files it left are a dead writer's debris).
+
+    Shared by the tmp/ debris check and the mbox dotlock's staleness test.
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by someone else
+    return False

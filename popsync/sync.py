@@ -55,7 +55,7 @@ from popsync.deliver import Outcome as DeliveryOutcome
 from popsync.deliver.base import deferral
 from popsync.errors import ExitCode, LocalIOError, PopsyncError
 from popsync.listing import Listing, SeenView
-from popsync.maildir import Maildir, TmpMessage, sanitize_host
+from popsync.maildir import Maildir, TmpMessage, process_gone, sanitize_host
 from popsync.owner import claim_maildir, refuse_foreign_root
 from popsync.plan import Plan, Policy, plan_sync, show_uidl
 from popsync.pop3 import errors as pop3_errors
@@ -282,19 +282,6 @@ def _release(names: list[str]) -> None:
         _inflight.difference_update(names)
 
 
-def _writer_gone(pid: int) -> bool:
-    """True when no process ``pid`` exists (a killed popsync run wrote the file)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, owned by someone else
-    return False
-
-
 def clean_debris(maildir: Maildir, keep: set[str]) -> list[str]:
     """Remove tmp/ files a killed popsync run left behind; return their names.
 
@@ -317,7 +304,7 @@ def clean_debris(maildir: Maildir, keep: set[str]) -> list[str]:
                 continue
             pid = int(found["pid"])
             mine = pid == os.getpid()
-            if (mine and name not in _inflight) or (not mine and _writer_gone(pid)):
+            if (mine and name not in _inflight) or (not mine and process_gone(pid)):
                 maildir.remove_tmp(name)
                 removed.append(name)
     return removed

@@ -45,6 +45,7 @@ from popsync.deliver.base import (
     unlink_quiet,
 )
 from popsync.errors import LocalIOError
+from popsync.maildir import process_gone
 
 __all__ = ["DOTLOCK_STALE", "MboxTarget", "from_line", "mboxrd_quoted"]
 
@@ -100,15 +101,7 @@ def _stale(lock: Path) -> bool:
         pid = int(pid_text)
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    if host != os.uname().nodename or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == os.uname().nodename and process_gone(pid)
 
 
 @contextlib.contextmanager
