@@ -6,6 +6,7 @@ The CLI catches `PopsyncError` and exits with its `exit_code`; anything else is 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 from enum import IntEnum
 
@@ -21,6 +22,7 @@ __all__ = [
     "TlsError",
     "TlsVersionError",
     "UserError",
+    "describe_exit",
 ]
 
 
@@ -35,6 +37,16 @@ class ExitCode(IntEnum):
     PROTOCOL = 76
     AUTH = 77
     CONFIG = 78
+
+
+def describe_exit(returncode: int) -> str:
+    """How a child process ended: ``exited with status 3`` or ``was killed by SIGTERM``."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
 
 
 class PopsyncError(Exception):

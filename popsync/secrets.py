@@ -16,7 +16,6 @@ import os
 import selectors
 import shlex
 import shutil
-import signal
 import stat
 import subprocess
 import time
@@ -24,8 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from popsync.errors import SecretError
-from popsync.textsafe import escape_controls
+from popsync.errors import SecretError, describe_exit
+from popsync.textsafe import safe_text
 
 if TYPE_CHECKING:  # at run time the account may be a configcache.Record: no pydantic import
     from popsync.config import Account
@@ -245,7 +244,7 @@ def _from_command(name: str, command: str, env: dict[str, str]) -> str:
     except OSError as exc:
         raise _fail(name, "password_command", f"cannot run {what}: {exc.strerror}") from None
     if status != 0:
-        message = f"{what} {_status(status)}{_stderr_tail(stderr)}"
+        message = f"{what} {describe_exit(status)}{_stderr_tail(stderr)}"
         raise _fail(name, "password_command", message)
     first_line = stdout.split(b"\n", 1)[0].removesuffix(b"\r")
     secret = _decode(name, "password_command", first_line, f"output of {what}")
@@ -254,20 +253,7 @@ def _from_command(name: str, command: str, env: dict[str, str]) -> str:
     return secret
 
 
-def _status(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
-
-
 def _stderr_tail(stderr: bytes) -> str:
-    text = stderr.decode("utf-8", errors="replace").strip()
-    if not text:
-        return ""
-    if len(text) > _STDERR_TAIL:
-        text = "..." + text[-_STDERR_TAIL:]
+    text = stderr.decode("utf-8", errors="replace")
     lines = " | ".join(line.strip() for line in text.splitlines() if line.strip())
-    return ": " + escape_controls(lines)
+    return ": " + safe_text(lines, _STDERR_TAIL, cut="tail") if lines else ""

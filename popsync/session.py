@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from popsync import net
 from popsync.client import Pop3Client, StartTlsUnavailable
 from popsync.errors import CertificateError, ConfigError, TlsError
-from popsync.textsafe import escape_controls, scrub
+from popsync.textsafe import safe_text
 
 if TYPE_CHECKING:
     from popsync.config import Account
@@ -51,16 +51,8 @@ Report = Callable[[str, str], None]
 
 
 def clean_text(text: str | bytes, limit: int = 200) -> str:
-    """Server-sent text made safe to print: secrets scrubbed, controls escaped, length bounded.
-
-    The running account's secret is scrubbed (:mod:`popsync.textsafe`) before anything is
-    cut, so a cut can never leave part of it behind.
-    """
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    # popsync.textsafe's one definition of what must not reach a terminal or a log.
-    shown = escape_controls(scrub(text))
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    """Server-sent text for a one-line report: `popsync.textsafe.safe_text`, cut briefly."""
+    return safe_text(text, limit, cut="brief")
 
 
 def tls_context(account: Account) -> net.SSLContext | None:

@@ -21,7 +21,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import ParamSpec, TypeVar
+from typing import Literal, ParamSpec, TypeAlias, TypeVar
 
 __all__ = [
     "MAX_SERVER_TEXT",
@@ -78,18 +78,28 @@ def scrub(text: str) -> str:
     return text
 
 
-def safe_text(text: str | bytes, limit: int = MAX_SERVER_TEXT) -> str:
+Cut: TypeAlias = Literal["note", "brief", "tail"]
+
+
+def safe_text(text: str | bytes, limit: int = MAX_SERVER_TEXT, *, cut: Cut = "note") -> str:
     """Server text made fit to print: secrets scrubbed, controls escaped, at most ``limit``.
 
     Bytes are decoded as UTF-8 with invalid octets replaced. Scrubbing comes first, so an
-    escape or the cut cannot split a secret into pieces that no longer match.
+    escape or the cut cannot split a secret into pieces that no longer match. A longer text
+    is cut: ``"note"`` keeps the start and says how much is missing (logs), ``"brief"``
+    keeps the start and ends in ``...`` within ``limit`` (one-line reports), ``"tail"``
+    keeps the end (where a command says what went wrong).
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     text = escape_controls(scrub(text))
-    if len(text) > limit:
-        text = text[:limit] + f"... ({len(text) - limit} more characters)"
-    return text
+    if len(text) <= limit:
+        return text
+    if cut == "brief":
+        return text[: max(0, limit - 3)] + "..."
+    if cut == "tail":
+        return "..." + text[-limit:]
+    return text[:limit] + f"... ({len(text) - limit} more characters)"
 
 
 def add_secrets(forms: Iterable[str]) -> None:

@@ -33,15 +33,12 @@ __all__ = [
 def sanitize(text: str | bytes, limit: int = 300, *, tail: bool = False) -> str:
     """Foreign text (an LMTP reply, an MDA's stderr) made safe for one log line.
 
-    `popsync.textsafe.safe_text` escapes control characters and scrubs secrets; ``tail``
-    keeps the end of a long text (where a command says what went wrong) instead of its start.
+    `popsync.textsafe.safe_text` of the stripped text; ``tail`` keeps the end of a long
+    text (where a command says what went wrong) instead of its start.
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    text = text.strip()
-    if tail and len(text) > limit:
-        text = "..." + text[-limit:]
-    return safe_text(text, limit + 3)
+    return safe_text(text.strip(), limit, cut="tail" if tail else "note")
 
 
 @dataclass(frozen=True, slots=True)

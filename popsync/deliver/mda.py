@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from popsync.deliver.base import Delivered, Outcome, Spooled, SpoolTarget, Temporary, sanitize
+from popsync.errors import describe_exit
 from popsync.maildir import LineEndings
 
 __all__ = ["EX_TEMPFAIL", "MdaTarget", "expand_argv"]
@@ -47,15 +48,6 @@ def expand_argv(argv: Sequence[str], *, account: str, user: str, uidl: bytes) ->
     """Fill the placeholders in each argument (``str.format`` with three names)."""
     values = {"account": account, "user": user, "uidl_hex": uidl.hex()}
     return [arg.format_map(values) for arg in argv]
-
-
-def _describe(status: int) -> str:
-    if status < 0:
-        try:
-            return f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exit status {status}"
 
 
 class MdaTarget(SpoolTarget):
@@ -118,5 +110,5 @@ class MdaTarget(SpoolTarget):
             size = stderr.seek(0, os.SEEK_END)
             stderr.seek(max(0, size - STDERR_KEPT))
             said = sanitize(stderr.read(), 500, tail=True)
-        detail = f"MDA {argv[0]} {_describe(status)}" + (f": {said}" if said else "")
+        detail = f"MDA {argv[0]} {describe_exit(status)}" + (f": {said}" if said else "")
         return Temporary(detail) if status == EX_TEMPFAIL else _failed(detail)

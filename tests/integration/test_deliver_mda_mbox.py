@@ -139,7 +139,7 @@ def test_mda_exit_codes_defer_or_fail_and_keep_the_message(
     broken = ["/bin/sh", "-c", "cat >/dev/null; printf 'bad\\033[31m recipe\\n' >&2; exit 3"]
     result = _sync(dovecot, mail_user, tmp_path, store, mda=broken, **keys)
     assert (result.outcome, result.exit_code) == ("local_io", ExitCode.LOCAL_IO)
-    assert "exit status 3: bad\\x1b[31m recipe" in (result.error or "")
+    assert "exited with status 3: bad\\x1b[31m recipe" in (result.error or "")
     assert "\x1b" not in (result.error or "")
     assert len(dovecot.messages(mail_user)) == 1
     works = ["/bin/sh", "-c", f'cat > {out}; echo "$0" >> {out}.args', "{account}:{uidl_hex}"]

@@ -133,7 +133,7 @@ def test_mda_gets_the_spool_file_on_stdin_and_stderr_is_kept_short(tmp_path: Pat
     (outcome,) = bad.hand_over([item])
     assert isinstance(outcome, Temporary)
     assert outcome.failed
-    assert outcome.reason.startswith("MDA /bin/sh exit status 2: ...eee")
+    assert outcome.reason.startswith("MDA /bin/sh exited with status 2: ...eee")
     assert outcome.reason.endswith("eeeTAIL")  # the end of stderr is kept
     assert len(outcome.reason) < 600
     missing = MdaTarget(tmp_path / "spool", argv=["/nonexistent/mda"], account="a", user="u")

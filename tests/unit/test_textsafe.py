@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from popsync.errors import describe_exit
 from popsync.pop3.sasl import credential_forms
 from popsync.textsafe import (
     MAX_SERVER_TEXT,
@@ -46,6 +47,24 @@ def test_length_is_capped() -> None:
     shown = safe_text("x" * 100_000)
     assert shown.startswith("x" * MAX_SERVER_TEXT + "... (")
     assert shown.endswith(f"({100_000 - MAX_SERVER_TEXT} more characters)")
+
+
+def test_brief_and_tail_cuts() -> None:
+    """A brief cut stays within the limit; a tail cut keeps the end; both scrub before cutting."""
+    assert safe_text("abcdefghij", 8, cut="brief") == "abcde..."
+    assert safe_text("abcdefghij", 4, cut="tail") == "...ghij"
+    assert safe_text("short", 8, cut="tail") == "short"
+    with scrubbing(["hunter2"]):
+        # The cut falls inside the secret; it must be scrubbed whole first, not left in part.
+        assert "hunt" not in safe_text("password: hunter2 was refused", 14, cut="brief")
+        assert "er2" not in safe_text("x hunter2 was refused", 18, cut="tail")
+
+
+def test_child_exit_is_described() -> None:
+    """An exit status and a signal death read as they would in a shell's error line."""
+    assert describe_exit(3) == "exited with status 3"
+    assert describe_exit(-15) == "was killed by SIGTERM"
+    assert describe_exit(-200) == "was killed by signal 200"
 
 
 def test_bytes_are_decoded_safely() -> None:
