@@ -601,14 +601,12 @@ def _dry_run(args: argparse.Namespace) -> ExitCode:
 
 
 def _describe_plan(account: Account, plan: object, *, first_run: bool) -> str:
-    from popsync.plan import Plan
-    from popsync.session import clean_text
+    from popsync.plan import Plan, show_uidls
 
     assert isinstance(plan, Plan)
 
     def uidls(items: Sequence[bytes]) -> str:
-        shown = ", ".join(clean_text(u.decode("ascii", "backslashreplace"), 40) for u in items[:10])
-        return shown + (", ..." if len(items) > 10 else "")
+        return show_uidls(items, count=10, limit=40)
 
     if first_run and account.first_run == "mark_seen":
         count = len(plan.fetch) + len(plan.too_large)

@@ -43,6 +43,7 @@ __all__ = [
     "Policy",
     "plan_sync",
     "show_uidl",
+    "show_uidls",
 ]
 
 DeletePolicy = Literal["never", "after_delivery", "after_days"]
@@ -135,17 +136,21 @@ class Plan:
     warnings: tuple[str, ...] = ()
 
 
-def show_uidl(uidl: bytes) -> str:
-    """A UIDL as text for a log line: printable ASCII as is, anything else escaped, capped."""
-    text = uidl[:80].decode("ascii", "backslashreplace")
+def show_uidl(uidl: bytes, limit: int = 80) -> str:
+    """A UIDL as text for a log line: printable ASCII as is, anything else escaped, capped.
+
+    Its own few lines rather than `popsync.textsafe`: this module stays pure (stdlib only),
+    and a UIDL is octets, never a secret.
+    """
+    text = uidl[:limit].decode("ascii", "backslashreplace")
     text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
-    return text + ("..." if len(uidl) > 80 else "")
+    return text + ("..." if len(uidl) > limit else "")
 
 
-def _show(uidls: Sequence[bytes]) -> str:
-    """Name a few UIDLs for a warning without flooding the log."""
-    shown = ", ".join(show_uidl(u) for u in uidls[:_MAX_NAMED])
-    return shown + (", ..." if len(uidls) > _MAX_NAMED else "")
+def show_uidls(uidls: Sequence[bytes], *, count: int = _MAX_NAMED, limit: int = 80) -> str:
+    """Name the first ``count`` UIDLs for a warning without flooding the log."""
+    shown = ", ".join(show_uidl(u, limit) for u in uidls[:count])
+    return shown + (", ..." if len(uidls) > count else "")
 
 
 def _first_and_duplicates(
@@ -261,7 +266,7 @@ def plan_sync(
     warnings: list[str] = []
     if duplicates:
         warnings.append(
-            f"server listed {len(duplicates)} UIDL(s) more than once ({_show(duplicates)});"
+            f"server listed {len(duplicates)} UIDL(s) more than once ({show_uidls(duplicates)});"
             " fetching each once and never deleting them"
         )
 
@@ -305,7 +310,7 @@ def plan_sync(
     if too_large:
         warnings.append(
             f"{len(too_large)} message(s) larger than max_message_size={limit} remembered and"
-            f" left on the server: {_show([u for _, u, _ in too_large])}"
+            f" left on the server: {show_uidls([u for _, u, _ in too_large])}"
         )
     absent, forget, shrink = _absence(listed, seen, policy, now)
     if shrink:

@@ -17,7 +17,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from popsync.plan import Plan, plan_sync
+from popsync.plan import Plan, plan_sync, show_uidl
 from popsync.session import clean_text, open_session
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def _state(entry: SeenEntry | None, too_large: bool) -> str:
 
 
 def _uidl_text(uidl: bytes) -> str:
-    return clean_text(uidl.decode("ascii", "backslashreplace"), 80)
+    return show_uidl(uidl)
 
 
 def list_mailbox(
