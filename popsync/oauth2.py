@@ -11,8 +11,10 @@ The token file (``state_dir/oauth2/ACCOUNT.json``, mode 0600) is only ever repla
 before the access token that came with it is used, and a crash at any instruction leaves the
 old file or the new one. Providers keep the old refresh token valid until its successor is
 used, so even a kill -9 after the provider answered and before the rename loses nothing.
-Callers hold the account's lock (``SeenStore.lock``), so two processes never refresh the
-same account at once.
+A refresh holds ``state_dir/locks/oauth2-ACCOUNT.lock`` (flock) from reading the file to
+storing its successor, and re-reads the file once it has the lock: two processes (the daemon
+and a `popsync test` or `ls`, which do not take the account's lock) never both spend the same
+rotating refresh token, and the second simply uses the token the first stored.
 
 HTTP and OAuth2 are authlib's ``OAuth2Client`` over httpx2 (see docs/internals.md for why);
 both are imported only here and only when an OAuth2 account runs.
@@ -20,6 +22,7 @@ both are imported only here and only when an OAuth2 account runs.
 
 from __future__ import annotations
 
+import fcntl
 import http.server
 import json
 import os
@@ -27,13 +30,15 @@ import secrets
 import stat
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from popsync.errors import ExitCode, LocalIOError, NetworkError, PopsyncError
 from popsync.statefile import write_atomic
+from popsync.textsafe import safe_text
 
 if TYPE_CHECKING:
     from authlib.integrations.httpx_client import OAuth2Client
@@ -63,6 +68,8 @@ _MARGIN_MAX = 300.0
 #: How long `popsync oauth2 login` waits for the browser's redirect or the device approval.
 LOGIN_TIMEOUT = 600.0
 _MAX_TOKEN_FILE = 1 << 16
+#: Seconds a refresh waits for another process's refresh of the same account to end.
+REFRESH_LOCK_WAIT = 60.0
 _MAX_SERVER_TEXT = 300
 
 
@@ -143,8 +150,7 @@ class TokenEndpointError(NetworkError):
 
 def _clean(text: object) -> str:
     """Server-sent text, bounded and without control characters, fit for one log line."""
-    value = "".join(ch if ch.isprintable() else " " for ch in str(text))
-    return value[:_MAX_SERVER_TEXT] + ("..." if len(value) > _MAX_SERVER_TEXT else "")
+    return safe_text(str(text), _MAX_SERVER_TEXT, cut="brief")
 
 
 def _login_hint(account: Account) -> str:
@@ -330,7 +336,18 @@ def access_token(
             f"accounts.{account.name}: the stored OAuth2 token belongs to another client or "
             f"provider; {_login_hint(account)}"
         )
+    if stored.usable(clock()):
+        return str(stored.access_token)
+    with _refresh_lock(state_dir, account.name):
+        return _refresh(account, path, where, clock)
+
+
+def _refresh(account: Account, path: Path, where: Endpoints, clock: Callable[[], float]) -> str:
+    """Refresh under the lock; another process may have done it while we waited."""
+    stored = load_token(path)
     now = clock()
+    if stored is None:
+        raise OAuth2Error(f"accounts.{account.name}: the OAuth2 token file {path} disappeared")
     if stored.usable(now):
         return str(stored.access_token)
     with _client(account) as client:
@@ -352,6 +369,31 @@ def access_token(
         raise LocalIOError(f"cannot store the OAuth2 token in {path}: {exc.strerror}") from None
     assert fresh.access_token is not None
     return fresh.access_token
+
+
+@contextmanager
+def _refresh_lock(state_dir: Path, account: str) -> Iterator[None]:
+    """Hold the account's refresh lock, waiting at most `REFRESH_LOCK_WAIT` seconds for it."""
+    folder = state_dir / "locks"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    fd = os.open(folder / f"oauth2-{account}.lock", flags, 0o600)
+    try:
+        deadline = time.monotonic() + REFRESH_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TokenEndpointError(
+                        f"accounts.{account}: another popsync process has been refreshing the "
+                        f"OAuth2 token for {REFRESH_LOCK_WAIT:g}s; try again later"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_account(account: Account, state_dir: Path) -> list[str]:

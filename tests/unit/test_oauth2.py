@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,6 +230,31 @@ def test_refresh_stores_the_rotated_token_atomically(tmp_path: Path, server: Aut
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.json"]
     assert access_token(account, tmp_path) == token  # cached now
     assert server.refreshes == 1
+
+
+def test_concurrent_refreshes_spend_the_refresh_token_once(
+    tmp_path: Path, server: AuthServer
+) -> None:
+    """Two callers refreshing one expired token: one refreshes, the other uses its result."""
+    account = _custom(server)
+    granted = server.grant("alice")
+    _store(tmp_path, account, refresh_token=granted, access_token="old", expires_at=1.0,
+           issued_at=0.0)  # fmt: skip
+    server.refresh_delay = 0.5  # both callers are inside access_token at once
+    got: list[str] = []
+    callers = [
+        threading.Thread(target=lambda: got.append(access_token(account, tmp_path)))
+        for _ in range(2)
+    ]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(10)
+    assert len(got) == 2
+    assert got[0] == got[1]
+    assert server.access_valid(got[0])
+    # Without the lock both would spend the same rotating refresh token.
+    assert server.refresh_requests == 1
 
 
 def test_invalid_grant_is_auth_with_the_login_hint(tmp_path: Path, server: AuthServer) -> None:
