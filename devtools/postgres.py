@@ -129,8 +129,10 @@ class Postgres:
         self._prepare_root()
         if not (self.data_dir / "PG_VERSION").is_file():
             self._initdb()
-        for _attempt in range(_PORT_ATTEMPTS):
-            (self.port,) = _free_ports(1)
+        for attempt in range(_PORT_ATTEMPTS):
+            # Started again after stop(): the same port first, so clients' URLs stay valid.
+            if attempt or not self.port:
+                (self.port,) = _free_ports(1)
             self._write_settings()
             if self._pg_ctl("start", "-w", "-t", str(_START_TIMEOUT), "-l", str(self.log_file)):
                 self._started = True

@@ -41,11 +41,25 @@ def check_config_file(
     state_dir = config.state_dir if config is not None else _raw_state_dir(path)
     if config is not None:
         problems += _oauth2_problems(config)
+        problems += _store_problems(config, env)
     if state_dir is not None:
         problem = directory_problem(state_dir, create=True)
         if problem:
             problems.append(f"state_dir: {problem}")
     return config, list(dict.fromkeys(problems))
+
+
+def _store_problems(config: Config, env: Mapping[str, str] | None) -> list[str]:
+    """The store's password source, checked like an account's (nothing is run)."""
+    from popsync.secrets import check_secret_source
+
+    problems: list[str] = []
+    for key in ("store_password_env", "store_password_command"):
+        value = getattr(config, key)
+        if value is not None:
+            found = check_secret_source("", key.removeprefix("store_"), value, env=env)
+            problems += [p.replace("accounts..password_", "store_password_", 1) for p in found]
+    return problems
 
 
 def _account_problems(

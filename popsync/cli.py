@@ -24,7 +24,7 @@ from popsync.errors import ConfigError, ExitCode, PopsyncError, UserError
 
 if TYPE_CHECKING:
     from popsync.config import Account, Config
-    from popsync.seen import SeenStore
+    from popsync.store import Store
     from popsync.sync import Progress
 
 __all__ = ["DEFAULT_CONFIG", "SEVERITY", "config_search_path", "main", "worst_exit_code"]
@@ -293,24 +293,11 @@ def _setup_logging(config: Config, args: argparse.Namespace, *, quiet_on_tty: bo
     configure_logging(fmt, level, scheduler_debug=args.verbose >= 2)
 
 
-def open_store(config: Config) -> SeenStore:
-    """Open the seen-store in the config's state directory, adopting pre-v2 rows by label.
+def open_store(config: Config) -> Store:
+    """The config's seen-store (see `popsync.store.open_store`)."""
+    from popsync.store import open_store as open_configured
 
-    Refused under systemd when the config names another state directory, and as root in a
-    state directory another user owns (see `popsync.owner`).
-    """
-    from popsync.owner import check_state_directory, refuse_foreign_root
-    from popsync.seen import SeenStore
-
-    check_state_directory(config.state_dir)
-    refuse_foreign_root(config.state_dir, "state directory")
-    store = SeenStore.open(config.state_dir / "popsync.sqlite3")
-    try:
-        store.adopt_labels({name: a.mailbox for name, a in config.accounts.items()})
-    except BaseException:
-        store.close()
-        raise
-    return store
+    return open_configured(config)
 
 
 # ----------------------------------------------------------------------------- --once
@@ -401,6 +388,10 @@ def _check_config(args: argparse.Namespace) -> ExitCode:
     for warning in config.warnings:
         _say(sys.stderr, f"popsync: warning: {warning}")
     _say(sys.stdout, f"{path}: ok, {len(config.accounts)} account(s): {', '.join(config.accounts)}")
+    if config.store is not None:
+        from popsync.store import redact_url
+
+        _say(sys.stdout, f"store: {redact_url(config.store)}")
     if not args.connect:
         return ExitCode.OK
     return _test_accounts(config, list(config.accounts), args)
@@ -528,7 +519,7 @@ def _ls(args: argparse.Namespace) -> ExitCode:
 
     config = _load(args)
     account = _one_account(config, args.account_name)
-    entries = read_entries(config.state_dir / "popsync.sqlite3", account.mailbox)
+    entries = read_entries(config, account.mailbox)
     rows = list_mailbox(account, _secret(account, config.state_dir), entries, headers=args.headers)
     if args.json:
         _say(sys.stdout, json.dumps([row.as_dict() for row in rows], indent=2))
@@ -588,7 +579,7 @@ def _dry_run(args: argparse.Namespace) -> ExitCode:
     codes = []
     for account in _select(config, args.account):
         try:
-            entries, first = read_state(config.state_dir / "popsync.sqlite3", account.mailbox)
+            entries, first = read_state(config, account.mailbox)
             plan = dry_run(account, _secret(account, config.state_dir), entries, time.time())
         except Exception as exc:  # report it and go on with the next account
             code = classify_error(exc, during_login=True)

@@ -105,6 +105,7 @@ CLEARTEXT_AUTH = frozenset({"user", "rpop", "plain", "login", "xoauth2", "oauthb
 _STANDARD_PORTS = frozenset(DEFAULT_PORTS.values())
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WORKER_ID_RE = re.compile(r"[!-~]{1,200}")
 _TOML_POSITION_RE = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
 _CHECKS_ERROR = "popsync_checks"
 _TOP_LEVEL_KEYS = (
@@ -113,6 +114,10 @@ _TOP_LEVEL_KEYS = (
     "log_format",
     "log_level",
     "metrics_listen",
+    "store",
+    "store_password_env",
+    "store_password_command",
+    "worker_id",
     "defaults",
     "accounts",
 )
@@ -574,6 +579,68 @@ class _Settings(BaseModel):
     log_level: Annotated[LogLevel, BeforeValidator(_log_level)] = "info"
     #: "HOST:PORT" for the daemon's Prometheus endpoint; None (the default) serves none.
     metrics_listen: str | None = None
+    #: None (or "sqlite"): SQLite in state_dir. "postgresql://…": the shared fleet store.
+    store: str | None = None
+    store_password_env: str | None = None
+    store_password_command: str | None = None
+    #: Who holds a lease in PostgreSQL mode; None means host:pid (lease.default_worker_id).
+    worker_id: str | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str | None) -> str | None:
+        if value is None or value == "sqlite":
+            return None
+        from popsync.store import check_store_url
+
+        check_store_url(value)
+        return value
+
+    @field_validator("store_password_env")
+    @classmethod
+    def _check_store_env(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME_RE.fullmatch(value):
+            raise ValueError(
+                "not an environment variable name (letters, digits and '_'; the value is not "
+                "shown in case it is a password put here by mistake)"
+            )
+        return value
+
+    @field_validator("store_password_command")
+    @classmethod
+    def _check_store_command(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split into arguments: {exc}") from None
+        if not argv:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("worker_id")
+    @classmethod
+    def _check_worker_id(cls, value: str | None) -> str | None:
+        if value is not None and not _WORKER_ID_RE.fullmatch(value):
+            raise ValueError(f"1-200 printable characters without spaces (got {_show(value)})")
+        return value
+
+    @model_validator(mode="after")
+    def _check_store_secrets(self) -> Self:
+        from popsync.store import url_password
+
+        problems: list[tuple[str, str]] = []
+        keys = [k for k in ("store_password_env", "store_password_command") if getattr(self, k)]
+        if keys and self.store is None:
+            problems.append((keys[0], 'only used with store = "postgresql://…"'))
+        elif len(keys) > 1:
+            problems.append((keys[1], f"conflicts with {keys[0]}: choose one"))
+        elif keys and self.store is not None and url_password(self.store) is not None:
+            problems.append((keys[0], "conflicts with the password in store: choose one"))
+        if problems:
+            raise _checks_failed(problems)
+        return self
 
     @field_validator("metrics_listen")
     @classmethod

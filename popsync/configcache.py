@@ -155,6 +155,11 @@ def _dump(config: Config, text: str) -> dict[str, Any]:
     from popsync.config import Account, Config
 
     own_tables = tomllib.loads(text).get("accounts", {})
+    if config.store is not None:
+        from popsync.store import url_password
+
+        if url_password(config.store) is not None:
+            raise _Uncacheable("a password in store")  # never written to the cache
     settings = {
         name: _encode(getattr(config, name))
         for name in [*Config.model_fields, *_properties(Config)]

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from popsync.config import Account, Config, LogFormat
     from popsync.metrics import Metrics
     from popsync.scheduler import AccountScheduler
-    from popsync.seen import SeenStore
+    from popsync.store import Store
     from popsync.sync import RunResult
 
 __all__ = ["SHUTDOWN_TIMEOUT", "Daemon", "run_daemon"]
@@ -60,7 +60,7 @@ class Daemon:
         self,
         config_path: Path,
         config: Config,
-        store: SeenStore,
+        store: Store,
         *,
         only: Sequence[str] = (),
         notifier: Notifier | None = None,
@@ -393,9 +393,9 @@ def run_daemon(
     log_format: LogFormat | None = None,
 ) -> ExitCode:
     """Run until SIGTERM; raises ConfigError for a bad config at start (exit 78)."""
-    from popsync.cli import open_store
     from popsync.config import load_config
     from popsync.logconfig import configure_logging
+    from popsync.store import open_store
 
     config = load_config(config_path)
     configure_logging(

@@ -32,7 +32,7 @@ from popsync.errors import ExitCode, UserError
 
 if TYPE_CHECKING:
     from popsync.config import Account
-    from popsync.seen import SeenStore
+    from popsync.store import Store
 
 __all__ = [
     "FORMATS",
@@ -198,7 +198,7 @@ def import_state(
     kind: str,
     path: Path,
     account: Account,
-    store: SeenStore,
+    store: Store,
     *,
     now: float | None = None,
 ) -> ImportReport:

@@ -1,4 +1,4 @@
-"""Account leases in PostgreSQL: the foundation of fleet mode (issue 13; not wired in yet).
+"""Account leases in PostgreSQL: the foundation of fleet mode (issue 13).
 
 Several popsync workers share one database. Each due account is claimed by exactly one worker
 with ``SELECT … FOR UPDATE SKIP LOCKED``; the claim writes a fresh random lease token and an
@@ -17,23 +17,30 @@ ones in one transaction under a transaction-scoped advisory lock, so workers sta
 against an empty database serialise instead of racing on ``CREATE TABLE``. A database written
 by a newer popsync is refused (`SchemaTooNew`).
 
+The lease key is ``(server, username)``, split from `popsync.config.Account.mailbox` by
+`mailbox_key` (the one notion of an account's identity). `LeaseStore.claim` takes one named
+account now (`popsync.pgstore.PgStore.lock` uses it); `Renewer` keeps a set of leases alive
+from a daemon thread.
+
 psycopg (3) and psycopg_pool are imported only when a `LeaseStore` is opened, so commands that
 never touch PostgreSQL do not pay for the import.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from popsync.errors import NetworkError, PopsyncError
+from popsync.errors import ExitCode, LockBusy, NetworkError, PopsyncError
 
 if TYPE_CHECKING:
     import psycopg
@@ -47,9 +54,13 @@ __all__ = [
     "Lease",
     "LeaseLost",
     "LeaseStore",
+    "Renewer",
     "SchemaTooNew",
+    "database_error",
     "default_worker_id",
     "ensure_schema",
+    "mailbox_key",
+    "mailbox_of",
 ]
 
 DEFAULT_LEASE_SECONDS = 30.0
@@ -73,6 +84,37 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX accounts_lease_due ON accounts_lease (next_due);
     """,
+    # 1 -> 2: the seen-store and run records (popsync.pgstore), as in popsync.seen's SQLite
+    # schema version 3+: times are epoch seconds (double precision) like SeenEntry's floats.
+    """
+    CREATE TABLE seen (
+        mailbox      text             NOT NULL,
+        uidl         bytea            NOT NULL,
+        state        text             NOT NULL
+            CHECK (state IN ('pending', 'delivered', 'too_large', 'rejected')),
+        name         text             NOT NULL,
+        size         bigint,
+        first_seen   double precision NOT NULL,
+        delivered_at double precision,
+        deleted_at   double precision,
+        vanished_at  double precision,
+        absent_runs  integer          NOT NULL DEFAULT 0,
+        PRIMARY KEY (mailbox, uidl)
+    );
+    CREATE TABLE runs (
+        mailbox              text PRIMARY KEY,
+        started              double precision NOT NULL,
+        finished             double precision,
+        outcome              text NOT NULL,
+        fetched              integer NOT NULL,
+        skipped              integer NOT NULL,
+        deleted              integer NOT NULL,
+        bytes                bigint NOT NULL,
+        messages_on_server   integer,
+        error                text,
+        consecutive_failures integer NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -82,7 +124,12 @@ class SchemaTooNew(PopsyncError):
 
 
 class LeaseLost(PopsyncError):
-    """The lease token is no longer held (expired, taken over or released): stop the run."""
+    """The lease token is no longer held (expired, taken over or released): stop the run.
+
+    Temporary (exit 75): the account is someone else's now, or again due later.
+    """
+
+    exit_code = ExitCode.TEMPORARY
 
 
 @dataclass(frozen=True)
@@ -96,6 +143,37 @@ class Lease:
     expires_at: datetime
     #: How many times the account was claimed; grows by one per claim (a fencing counter).
     generation: int
+
+
+def mailbox_key(mailbox: str) -> tuple[str, str]:
+    """The lease key ``(server, username)`` of a seen-store mailbox key.
+
+    `popsync.config.Account.mailbox` (``username@host`` or ``username@host:port``) is the one
+    notion of an account's identity; this splits it at the last ``@`` (a host has none).
+    """
+    username, sep, server = mailbox.rpartition("@")
+    if not sep or not username or not server:
+        raise ValueError(f"not a mailbox key: {mailbox!r}")
+    return server, username
+
+
+def mailbox_of(server: str, username: str) -> str:
+    """The inverse of `mailbox_key`."""
+    return f"{username}@{server}"
+
+
+def database_error(exc: BaseException, secret: str | None = None) -> NetworkError:
+    """A temporary popsync error for a failed database connection: one safe, bounded line.
+
+    libpq's messages name host and port, never the password; ``secret`` is removed anyway.
+    """
+    from popsync.textsafe import safe_text
+
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return NetworkError(f"PostgreSQL unavailable: {safe_text(text, 200)}")
 
 
 def default_worker_id() -> str:
@@ -156,8 +234,34 @@ RETURNING server, username, holder, token::text, expires_at, generation
 _RELEASE = """
 UPDATE accounts_lease
 SET holder = NULL, token = NULL, expires_at = NULL, claimed_at = NULL,
-    next_due = clock_timestamp() + make_interval(secs => %(next_due_in)s)
+    next_due = coalesce(
+        clock_timestamp() + make_interval(secs => %(next_due_in)s::double precision), next_due)
 WHERE token = %(token)s AND expires_at > clock_timestamp()
+"""
+#: Claim one named account now if nobody holds it (or its lease expired); due or not.
+_CLAIM_ONE = """
+INSERT INTO accounts_lease AS a (server, username, holder, token, claimed_at, expires_at,
+                                 generation)
+VALUES (%(server)s, %(username)s, %(holder)s, gen_random_uuid(), clock_timestamp(),
+        clock_timestamp() + make_interval(secs => %(seconds)s), 1)
+ON CONFLICT (server, username) DO UPDATE
+SET holder = excluded.holder,
+    token = excluded.token,
+    claimed_at = excluded.claimed_at,
+    expires_at = excluded.expires_at,
+    generation = a.generation + 1
+WHERE a.expires_at IS NULL OR a.expires_at <= clock_timestamp()
+RETURNING a.server, a.username, a.holder, a.token::text, a.expires_at, a.generation
+"""
+_HOLDER = """
+SELECT holder, greatest(0, extract(epoch FROM expires_at - clock_timestamp()))
+FROM accounts_lease WHERE server = %(server)s AND username = %(username)s
+"""
+_RENEW_MANY = """
+UPDATE accounts_lease
+SET expires_at = clock_timestamp() + make_interval(secs => %(seconds)s)
+WHERE token = ANY(%(tokens)s::uuid[]) AND expires_at > clock_timestamp()
+RETURNING token::text
 """
 _CHECK = """
 SELECT 1 FROM accounts_lease
@@ -181,25 +285,42 @@ def _lease(row: Sequence[Any]) -> Lease:
 class LeaseStore:
     """Claims, renews, checks and releases account leases through a small connection pool."""
 
-    def __init__(self, conninfo: str, *, max_connections: int = 4, timeout: float = 10.0) -> None:
-        """Open the pool and bring the schema up to date; ``conninfo`` is a libpq URI."""
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        max_connections: int = 4,
+        timeout: float = 10.0,
+        password: str | None = None,
+    ) -> None:
+        """Open the pool and bring the schema up to date; ``conninfo`` is a libpq URI.
+
+        ``password`` (when not in ``conninfo``, PGPASSWORD or PGPASSFILE) is passed to libpq
+        as a separate parameter; it appears in no error message.
+        """
         import psycopg
         from psycopg_pool import ConnectionPool
 
+        self._secret = password
         self._errors: tuple[type[Exception], ...] = (psycopg.OperationalError,)
+        kwargs: dict[str, Any] = {"connect_timeout": max(1, int(timeout))}
+        if password is not None:
+            kwargs["password"] = password
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             conninfo,
             min_size=1,
             max_size=max_connections,
             timeout=timeout,
-            kwargs={"connect_timeout": max(1, int(timeout))},
+            kwargs=kwargs,
+            # A connection broken by a server restart is replaced at checkout, not handed out.
+            check=ConnectionPool.check_connection,
             open=False,
         )
         try:
             try:
                 self._pool.open(wait=True, timeout=timeout)
             except self._errors as exc:
-                raise NetworkError(f"PostgreSQL: {type(exc).__name__}") from exc
+                raise database_error(exc, self._secret) from exc
             with self.connection() as conn:
                 ensure_schema(conn)
         except BaseException:
@@ -231,7 +352,7 @@ class LeaseStore:
             with self._pool.connection() as conn:
                 yield conn
         except self._errors as exc:
-            raise NetworkError(f"PostgreSQL: {type(exc).__name__}") from exc
+            raise database_error(exc, self._secret) from exc
 
     def register(self, accounts: Sequence[tuple[str, str]]) -> int:
         """Add ``(server, username)`` mailboxes that have no lease row yet; return how many."""
@@ -265,8 +386,53 @@ class LeaseStore:
             raise LeaseLost("lease expired or taken over")
         return _lease(row)
 
-    def release(self, token: str, next_due_in: float = 0.0) -> None:
-        """Give the account back, due again in ``next_due_in`` seconds; `LeaseLost` if gone."""
+    def claim(
+        self, worker_id: str, key: tuple[str, str], lease_seconds: float = DEFAULT_LEASE_SECONDS
+    ) -> Lease:
+        """Claim the account ``key`` (see `mailbox_key`) now, due or not, creating its row.
+
+        Succeeds when nobody holds it or its lease expired; else raises
+        `popsync.errors.LockBusy` naming the holder.
+        """
+        server, username = key
+        params = {
+            "server": server,
+            "username": username,
+            "holder": worker_id,
+            "seconds": lease_seconds,
+        }
+        with self.connection() as conn:
+            row = conn.execute(_CLAIM_ONE, params).fetchone()
+            if row is not None:
+                return _lease(row)
+            held = conn.execute(_HOLDER, params).fetchone()
+        holder, left = (str(held[0]), float(held[1])) if held else ("another worker", 0.0)
+        raise LockBusy(
+            f"{mailbox_of(server, username)} is being synced by worker {holder}"
+            f" (lease held for another {left:.0f} s)"
+        )
+
+    def renew_many(
+        self, tokens: Collection[str], lease_seconds: float = DEFAULT_LEASE_SECONDS
+    ) -> set[str]:
+        """Extend every still-held lease of ``tokens`` in one statement; return those held."""
+        wanted: list[uuid.UUID] = []
+        for token in tokens:
+            try:
+                wanted.append(uuid.UUID(token))
+            except (ValueError, TypeError):
+                continue  # never issued, so not held
+        if not wanted:
+            return set()
+        with self.connection() as conn:
+            rows = conn.execute(_RENEW_MANY, {"tokens": wanted, "seconds": lease_seconds})
+            return {str(row[0]) for row in rows.fetchall()}
+
+    def release(self, token: str, next_due_in: float | None = 0.0) -> None:
+        """Give the account back, due again in ``next_due_in`` seconds; `LeaseLost` if gone.
+
+        ``next_due_in=None`` leaves the account's due time as it was.
+        """
         with self.connection() as conn:
             cur = conn.execute(_RELEASE, {"token": _token(token), "next_due_in": next_due_in})
             if cur.rowcount != 1:
@@ -286,3 +452,90 @@ class LeaseStore:
                 held = own.execute(_CHECK, params).fetchone() is not None
         if not held:
             raise LeaseLost("lease expired or taken over")
+
+
+class Renewer:
+    """Renews a set of lease tokens from one daemon thread, every ``interval`` seconds.
+
+    A token that could not be renewed because it is gone (expired, taken over) moves to
+    `lost`; a database that cannot be reached is retried next tick (the lease may then
+    expire: fencing catches that). Nothing ever raises into the caller's thread.
+    ``on_lost`` is called from the renewer's thread with each lost token.
+    """
+
+    def __init__(
+        self,
+        leases: LeaseStore,
+        *,
+        interval: float = DEFAULT_RENEW_SECONDS,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
+        self._leases = leases
+        self._interval = interval
+        self._lease_seconds = lease_seconds
+        self._on_lost = on_lost
+        self._tokens: set[str] = set()
+        self._lost: set[str] = set()
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, token: str) -> None:
+        """Renew ``token`` from now on (starts the thread on first use)."""
+        with self._guard:
+            self._tokens.add(token)
+            self._lost.discard(token)
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name="popsync-lease-renewer", daemon=True
+                )
+                self._thread.start()
+
+    def discard(self, token: str) -> None:
+        """Stop renewing ``token`` and forget whether it was lost."""
+        with self._guard:
+            self._tokens.discard(token)
+            self._lost.discard(token)
+
+    def lost(self, token: str) -> bool:
+        """Whether a renewal found ``token`` gone."""
+        with self._guard:
+            return token in self._lost
+
+    @property
+    def held(self) -> frozenset[str]:
+        """The tokens being renewed (not known lost)."""
+        with self._guard:
+            return frozenset(self._tokens)
+
+    def renew_now(self) -> None:
+        """One renewal round in the calling thread (the thread's loop body); never raises."""
+        with self._guard:
+            tokens = set(self._tokens)
+        if not tokens:
+            return
+        try:
+            held = self._leases.renew_many(tokens, self._lease_seconds)
+        except Exception:  # an unreachable database: retry next tick
+            return
+        gone = tokens - held
+        with self._guard:
+            gone &= self._tokens  # discarded meanwhile: not lost, just done
+            self._tokens -= gone
+            self._lost |= gone
+        for token in gone:
+            if self._on_lost is not None:
+                with contextlib.suppress(Exception):  # a callback must not stop renewals
+                    self._on_lost(token)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.renew_now()
+
+    def stop(self) -> None:
+        """Stop the thread (tokens are not released: their leases simply run out)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)

@@ -14,7 +14,6 @@ import email.policy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from popsync.plan import Plan, plan_sync, show_uidl
@@ -22,8 +21,9 @@ from popsync.session import clean_text, open_session
 
 if TYPE_CHECKING:
     from popsync.client import Pop3Client
-    from popsync.config import Account
+    from popsync.config import Account, Config
     from popsync.seen import SeenEntry
+    from popsync.store import Store
 
 __all__ = ["HEADER_FIELDS", "Listed", "dry_run", "list_mailbox", "read_entries", "read_state"]
 
@@ -53,19 +53,33 @@ class Listed:
         }
 
 
-def read_entries(db: Path, mailbox: str) -> Mapping[bytes, SeenEntry]:
-    """The mailbox's seen rows, or none when the store does not exist yet (never creates it)."""
-    return read_state(db, mailbox)[0]
+def read_entries(config: Config, mailbox: str) -> Mapping[bytes, SeenEntry]:
+    """The mailbox's seen rows, or none when the store does not exist yet.
+
+    A SQLite store is never created here; a PostgreSQL one is opened as for a run.
+    """
+    return read_state(config, mailbox)[0]
 
 
-def read_state(db: Path, mailbox: str) -> tuple[Mapping[bytes, SeenEntry], bool]:
+def read_state(config: Config, mailbox: str) -> tuple[Mapping[bytes, SeenEntry], bool]:
     """The mailbox's seen rows and whether this would be its first run (see sync)."""
-    if not db.exists():
-        return {}, True
-    from popsync.seen import SeenStore
+    from popsync.store import is_postgres_url
+
+    store: Store
+    if is_postgres_url(config.store):
+        from popsync.store import open_store
+
+        store = open_store(config)
+    else:
+        db = config.state_dir / "popsync.sqlite3"
+        if not db.exists():
+            return {}, True
+        from popsync.seen import SeenStore
+
+        store = SeenStore.open(db)
     from popsync.sync import is_first_run
 
-    with SeenStore.open(db) as store:
+    with store:
         return store.entries(mailbox), is_first_run(store, mailbox)
 
 

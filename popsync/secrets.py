@@ -36,6 +36,7 @@ __all__ = [
     "check_secret_source",
     "command_env",
     "resolve_secret",
+    "resolve_store_password",
 ]
 
 #: Seconds a password_command may run before it is killed.
@@ -65,6 +66,28 @@ def resolve_secret(account: Account, *, env: Mapping[str, str] | None = None) ->
         command_environment = command_env(account.name, account.username, env)
         return _from_command(account.name, account.password_command, command_environment)
     raise SecretError([f"accounts.{account.name}: no password source configured"])
+
+
+def resolve_store_password(
+    variable: str | None, command: str | None, *, env: Mapping[str, str] | None = None
+) -> str | None:
+    """The PostgreSQL store's password from ``store_password_env`` or ``_command``, else None.
+
+    The same rules and messages as an account's password_env/password_command, named after
+    the top-level keys. None leaves it to libpq (the URL, PGPASSWORD, PGPASSFILE).
+    """
+    source = os.environ if env is None else env
+    try:
+        if variable is not None:
+            return _from_env("", variable, source)
+        if command is not None:
+            return _from_command("", command, command_env("", "", source))
+    except SecretError as exc:
+        # _fail() names "accounts.<name>.password_…"; with no name that is the store's key.
+        raise SecretError(
+            [p.replace("accounts..password_", "store_password_", 1) for p in exc.problems]
+        ) from None
+    return None
 
 
 def check_secret_source(

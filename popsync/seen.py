@@ -351,6 +351,11 @@ class SeenStore:
             conn.execute(f"PRAGMA user_version = {target}")
 
     @property
+    def state_dir(self) -> Path:
+        """The directory of the database file (spools, OAuth2 tokens and lock files live here)."""
+        return self.path.parent
+
+    @property
     def schema_version(self) -> int:
         """The schema version of the open file."""
         with self._lock:

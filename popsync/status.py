@@ -18,7 +18,7 @@ from popsync.textsafe import safe_text
 
 if TYPE_CHECKING:
     from popsync.config import Config
-    from popsync.seen import SeenStore
+    from popsync.store import Store
 
 __all__ = [
     "AccountStatus",
@@ -63,7 +63,7 @@ def _iso(stamp: float | None) -> str | None:
     return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
 
 
-def collect_status(config: Config, store: SeenStore) -> list[AccountStatus]:
+def collect_status(config: Config, store: Store) -> list[AccountStatus]:
     """One row per configured account, in config order."""
     runs = store.last_runs()
     rows = []
@@ -204,7 +204,7 @@ def render_status(rows: list[AccountStatus], stream: TextIO, *, now: float | Non
 
 
 def healthcheck(
-    config: Config, store: SeenStore, *, max_age: float | None = None, now: float | None = None
+    config: Config, store: Store, *, max_age: float | None = None, now: float | None = None
 ) -> tuple[bool, str]:
     """Healthy when some account ran within ``max_age`` and not every account is failing.
 

@@ -68,7 +68,8 @@ if TYPE_CHECKING:
     from popsync.client import MessageTooLarge, Pop3Client, Sink
     from popsync.config import Account
     from popsync.net import Pace
-    from popsync.seen import RunRecord, SeenStore
+    from popsync.seen import RunRecord
+    from popsync.store import Store
 
 __all__ = [
     "BATCH_BYTES",
@@ -219,7 +220,7 @@ def _policy(account: Account) -> Policy:
 
 
 # --------------------------------------------------------------------------- recovery
-def recover(account: str, store: SeenStore, target: Target, now: float) -> int:
+def recover(account: str, store: Store, target: Target, now: float) -> int:
     """Finish what a crash (or a deferred delivery) left pending; return how many completed.
 
     The target decides per pending row (see each target's docstring): delivered (a Maildir
@@ -244,7 +245,7 @@ def recover(account: str, store: SeenStore, target: Target, now: float) -> int:
 
 def _commit_outcomes(
     account: str,
-    store: SeenStore,
+    store: Store,
     target: Target,
     done: list[tuple[Spooled, DeliveryOutcome]],
     now: float,
@@ -317,7 +318,7 @@ class _Batcher:
     def __init__(
         self,
         mailbox: str,
-        store: SeenStore,
+        store: Store,
         target: Target,
         clock: Callable[[], float],
         result: RunResult,
@@ -526,13 +527,13 @@ def _connect(
     return open_session(account, secret, on_activity=on_activity)
 
 
-def is_first_run(store: SeenStore, account: str) -> bool:
+def is_first_run(store: Store, account: str) -> bool:
     """True when the store knows nothing of ``account``: no message and no run."""
     return not store.has_rows(account) and account not in store.last_runs()
 
 
 def mark_seen(
-    store: SeenStore, account: str, listing: Sequence[tuple[int, bytes, int | None]], now: float
+    store: Store, account: str, listing: Sequence[tuple[int, bytes, int | None]], now: float
 ) -> int:
     """Record every listed UIDL not yet known as delivered, without fetching; return how many.
 
@@ -570,7 +571,7 @@ def _listing(client: Pop3Client) -> Listing:
 def _session(
     account: Account,
     client: Pop3Client,
-    store: SeenStore,
+    store: Store,
     target: Target,
     result: RunResult,
     *,
@@ -668,7 +669,7 @@ def _session(
 
 
 def _forget_slowly(
-    account: Account, store: SeenStore, plan: Plan, result: RunResult, now: float
+    account: Account, store: Store, plan: Plan, result: RunResult, now: float
 ) -> None:
     """After a complete session: forget UIDLs long gone, note the others still absent."""
     if plan.forget:
@@ -678,7 +679,7 @@ def _forget_slowly(
         store.note_absent(account.mailbox, plan.absent, now)
 
 
-def _record_listing(account: Account, store: SeenStore, plan: Plan, now: float) -> None:
+def _record_listing(account: Account, store: Store, plan: Plan, now: float) -> None:
     """Before fetching: remember new too-large messages and UIDLs that came back."""
     if plan.too_large:
         store.mark_too_large(account.mailbox, [(u, size) for _, u, size in plan.too_large], now)
@@ -693,7 +694,7 @@ def _record_listing(account: Account, store: SeenStore, plan: Plan, now: float) 
 
 def _cut_off(
     account: Account,
-    store: SeenStore,
+    store: Store,
     plan: Plan,
     msgnum: int,
     exc: MessageTooLarge,
@@ -757,7 +758,7 @@ def _after_delivery(account: Account, plan: Plan) -> _Deletable:
 def _delete(
     account: Account,
     client: Pop3Client,
-    store: SeenStore,
+    store: Store,
     plan: Plan,
     deletable: _Deletable,
     result: RunResult,
@@ -787,7 +788,7 @@ def _delete(
 @scrub_scope
 def sync_account(
     account: Account,
-    store: SeenStore,
+    store: Store,
     *,
     clock: Callable[[], float] = time.time,
     stop: threading.Event | None = None,
@@ -812,8 +813,9 @@ def sync_account(
             for path, what in ((account.maildir, "Maildir"), (account.mbox, "mbox")):
                 if path is not None:
                     refuse_foreign_root(path, what)
-            target = open_target(account, store.path.parent)
-            if account.maildir is not None:
+            target = open_target(account, store.state_dir)
+            if account.maildir is not None and store.path is not None:
+                # A database server's store is shared by every worker: nothing to claim.
                 claim_maildir(account.maildir, store.path)
             result.recovered = recover(account.mailbox, store, target, clock())
             if result.recovered:
@@ -872,7 +874,7 @@ def sync_account(
     return result
 
 
-def _secret(account: Account, store: SeenStore) -> str:
+def _secret(account: Account, store: Store) -> str:
     """The password, or with oauth2_provider a valid access token (refreshed if need be).
 
     Called with the account's lock held, so one process at a time refreshes its token.
@@ -880,7 +882,7 @@ def _secret(account: Account, store: SeenStore) -> str:
     if account.oauth2_provider is not None:
         from popsync.oauth2 import access_token
 
-        return access_token(account, store.path.parent)
+        return access_token(account, store.state_dir)
     from popsync.secrets import resolve_secret
 
     return resolve_secret(account)

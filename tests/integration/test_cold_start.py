@@ -19,7 +19,7 @@ from devtools.dovecot import Dovecot, MailUser
 from tests.synchelp import TomlValue, dovecot_keys, maildir_messages, make_message, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
-NEVER_ON_A_TIMER_RUN = ("rich", "apscheduler", "asyncio")
+NEVER_ON_A_TIMER_RUN = ("rich", "apscheduler", "asyncio", "psycopg", "psycopg_pool")
 
 # Runs popsync's main() and writes the names of all imported modules to $MODULES_OUT.
 _WRAPPER = (

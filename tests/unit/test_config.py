@@ -510,6 +510,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert "oauth2-token" not in text  # a helper that never existed
     keys = set(Account.model_fields) - {"name"}
     keys |= {"state_dir", "max_workers", "log_format", "log_level", "metrics_listen"}
+    keys |= {"store", "store_password_env", "store_password_command", "worker_id"}
     missing = {key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)}
     assert missing == set()
 
@@ -523,6 +524,10 @@ def test_docs_table_lists_every_key() -> None:
         "log_format",
         "log_level",
         "metrics_listen",
+        "store",
+        "store_password_env",
+        "store_password_command",
+        "worker_id",
     }
     missing = {key for key in keys if f"| `{key}` |" not in text}
     assert missing == set()

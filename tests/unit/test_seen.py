@@ -1,4 +1,4 @@
-"""Tests for the SQLite seen-store."""
+"""Tests for the SQLite seen-store (the shared contract: test_store_contract.py)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,7 @@ from popsync.errors import ExitCode, LockBusy
 from popsync.seen import (
     MIGRATIONS,
     SCHEMA_VERSION,
-    RunRecord,
     SchemaTooNew,
-    SeenEntry,
     SeenStore,
     SeenStoreError,
 )
@@ -179,35 +177,6 @@ def test_adopting_never_overwrites_rows_of_the_mailbox(db_path: Path) -> None:
         assert s.mailboxes() == ["label:home", "me@h"]
 
 
-def test_too_large_rows(store: SeenStore) -> None:
-    """too_large rows keep their size, never replace a delivered row, and may become pending."""
-    store.mark_delivered("a", [(b"d", "f")], at=1.0)
-    assert store.mark_too_large("a", [(b"big", 5000), (b"d", 5000)], at=2.0) == 1
-    entries = store.entries("a")
-    assert (entries[b"big"].state, entries[b"big"].size, entries[b"big"].name) == (
-        "too_large",
-        5000,
-        "",
-    )
-    assert entries[b"d"].state == "delivered"
-    assert store.mark_too_large("a", [(b"big", 5000)], at=3.0) == 0  # unchanged
-    assert store.mark_too_large("a", [(b"big", 7000)], at=3.0) == 1
-    store.add_pending("a", [(b"big", "tmpname", 7000)])  # the limit was raised
-    assert store.entries("a")[b"big"].state == "pending"
-
-
-def test_absence_is_counted_and_cleared(store: SeenStore) -> None:
-    """note_absent keeps the first vanish time and counts listings; note_present resets both."""
-    store.mark_delivered("a", [(b"u", "f")], at=1.0)
-    store.note_absent("a", [b"u"], at=10.0)
-    store.note_absent("a", [b"u"], at=20.0)
-    entry = store.entries("a")[b"u"]
-    assert (entry.vanished_at, entry.absent_runs, entry.state) == (10.0, 2, "delivered")
-    assert store.note_present("a", [b"u"]) == 1
-    entry = store.entries("a")[b"u"]
-    assert (entry.vanished_at, entry.absent_runs) == (None, 0)
-
-
 def test_garbage_file_is_a_store_error(db_path: Path) -> None:
     """A file that is not SQLite raises SeenStoreError, not a raw sqlite3 error."""
     db_path.parent.mkdir()
@@ -242,76 +211,6 @@ def test_busy_database_raises_lock_busy(db_path: Path, monkeypatch: pytest.Monke
 # --- seen rows --------------------------------------------------------------------------------
 
 
-def test_pending_then_delivered_lifecycle(store: SeenStore) -> None:
-    """add_pending then mark_delivered then mark_deleted fill in one row."""
-    store.add_pending("acct", [(ODD_UIDL, "tmp1", 123), (b"two", "tmp2", 4)], at=100.0)
-    assert store.entries("acct")[ODD_UIDL] == SeenEntry(
-        ODD_UIDL, "pending", "tmp1", 123, 100.0, None, None
-    )
-    store.mark_delivered("acct", [(ODD_UIDL, "tmp1,S=123")], at=200.0)
-    store.mark_deleted("acct", [ODD_UIDL, b"two"], at=300.0)
-    entries = store.entries("acct")
-    assert entries[ODD_UIDL] == SeenEntry(
-        ODD_UIDL, "delivered", "tmp1,S=123", 123, 100.0, 200.0, 300.0
-    )
-    assert entries[b"two"].deleted_at is None  # pending rows are never marked deleted
-
-
-def test_accounts_are_isolated(store: SeenStore) -> None:
-    """The same UIDL in two accounts is two rows."""
-    store.add_pending("a", [(b"u", "na", 1)])
-    store.add_pending("b", [(b"u", "nb", 2)])
-    store.forget("a", [b"u"])
-    assert store.entries("a") == {}
-    assert store.entries("b")[b"u"].name == "nb"
-
-
-def test_add_pending_refuses_delivered_atomically(store: SeenStore) -> None:
-    """A batch touching a delivered UIDL is rejected whole, so nothing is delivered twice."""
-    store.mark_delivered("a", [(b"done", "final")], at=1.0)
-    with pytest.raises(ValueError, match="already delivered"):
-        store.add_pending("a", [(b"new", "n", 1), (b"done", "again", 1)])
-    entries = store.entries("a")
-    assert set(entries) == {b"done"}
-    assert entries[b"done"].name == "final"
-
-
-def test_add_pending_updates_a_pending_row(store: SeenStore) -> None:
-    """Re-adding a pending UIDL replaces its name and size but keeps first_seen."""
-    store.add_pending("a", [(b"u", "old", 1)], at=1.0)
-    store.add_pending("a", [(b"u", "new", 2)], at=2.0)
-    entry = store.entries("a")[b"u"]
-    assert (entry.name, entry.size, entry.first_seen) == ("new", 2, 1.0)
-
-
-def test_mark_delivered_is_idempotent_and_inserts_missing(store: SeenStore) -> None:
-    """Delivering twice keeps the first delivered_at; an unknown UIDL is inserted delivered."""
-    store.add_pending("a", [(b"u", "t", 1)], at=1.0)
-    store.mark_delivered("a", [(b"u", "f")], at=2.0)
-    store.mark_delivered("a", [(b"u", "f:2,S"), (b"x", "g")], at=3.0)
-    entries = store.entries("a")
-    assert (entries[b"u"].delivered_at, entries[b"u"].name) == (2.0, "f:2,S")
-    assert entries[b"x"].state == "delivered"
-    assert entries[b"x"].delivered_at == 3.0
-
-
-def test_remove_only_drops_pending(store: SeenStore) -> None:
-    """remove() deletes pending rows and leaves delivered ones, returning the count."""
-    store.add_pending("a", [(b"p", "t", 1), (b"d", "t2", 1)])
-    store.mark_delivered("a", [(b"d", "f")], at=1.0)
-    assert store.remove("a", [b"p", b"d", b"unknown"]) == 1
-    assert set(store.entries("a")) == {b"d"}
-
-
-def test_forget_drops_any_state(store: SeenStore) -> None:
-    """forget() deletes pending and delivered rows."""
-    store.add_pending("a", [(b"p", "t", 1), (b"d", "t2", 1)])
-    store.mark_delivered("a", [(b"d", "f")], at=1.0)
-    assert store.forget("a", [b"p", b"d"]) == 2
-    assert store.entries("a") == {}
-    assert store.forget("a", []) == 0
-
-
 def test_large_batch_is_one_transaction(store: SeenStore) -> None:
     """A 5000-item batch is committed by one BEGIN/COMMIT."""
     statements: list[str] = []
@@ -323,24 +222,6 @@ def test_large_batch_is_one_transaction(store: SeenStore) -> None:
     assert statements.count("BEGIN IMMEDIATE") == 2
     assert statements.count("COMMIT") == 2
     assert len(store.entries("a")) == 5000
-
-
-def test_concurrent_threads_share_one_store(store: SeenStore) -> None:
-    """Eight threads writing batches through one store lose nothing."""
-
-    def work(t: int) -> None:
-        for b in range(20):
-            items = [(f"{t}-{b}-{i}".encode(), "n", 1) for i in range(10)]
-            store.add_pending(f"acct{t % 2}", items)
-            store.mark_delivered(f"acct{t % 2}", [(u, "f") for u, _, _ in items], at=1.0)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    total = len(store.entries("acct0")) + len(store.entries("acct1"))
-    assert total == 8 * 20 * 10
 
 
 def _write_from_child(path: Path, tag: str) -> None:
@@ -361,26 +242,6 @@ def test_concurrent_processes_share_the_file(db_path: Path) -> None:
         assert p.exitcode == 0
     with SeenStore.open(db_path) as s:
         assert len(s.entries("shared")) == 150
-
-
-# --- runs -------------------------------------------------------------------------------------
-
-
-def test_runs_track_last_run_and_consecutive_failures(store: SeenStore) -> None:
-    """last_runs() keeps the latest run per account and counts failures until a success."""
-    assert store.last_runs() == {}
-    fail = RunRecord(started=1.0, finished=2.0, outcome="network", error="refused")
-    assert store.record_run("a", fail).consecutive_failures == 1
-    assert store.record_run("a", fail).consecutive_failures == 2
-    ok = RunRecord(
-        3.0, 4.0, "ok", fetched=5, skipped=1, deleted=2, bytes_fetched=999, messages_on_server=7
-    )
-    store.record_run("b", ok)
-    runs = store.last_runs()
-    assert runs["a"] == RunRecord(1.0, 2.0, "network", error="refused", consecutive_failures=2)
-    assert runs["b"] == ok
-    store.record_run("a", ok)
-    assert store.last_runs()["a"].consecutive_failures == 0
 
 
 # --- locks ------------------------------------------------------------------------------------

@@ -1,0 +1,30 @@
+"""Helpers for tests against PostgreSQL: a private cluster a test may stop and start."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from devtools.postgres import Postgres, postgres_available
+from tests.conftest import unavailable
+
+__all__ = ["private_postgres"]
+
+
+@contextmanager
+def private_postgres() -> Iterator[Postgres]:
+    """A cluster of the test's own (the session one must never be stopped), removed after.
+
+    Outside pytest's 0700 temp base: as root the server runs as the postgres user.
+    """
+    if not postgres_available():
+        unavailable("PostgreSQL is not installed: ./dev setup installs it")
+    root = Path(tempfile.mkdtemp(prefix="popsync-postgres-"))
+    try:
+        with Postgres(root) as server:
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
