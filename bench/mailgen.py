@@ -27,7 +27,7 @@ __all__ = [
 
 KIB = 1024
 MIB = 1024 * 1024
-SCENARIOS = ("a", "b", "c", "lat", "scale")
+SCENARIOS = ("a", "b", "c", "lat", "scale", "fleet")
 
 _PROSE = (
     "the of and to in is was for on that with as by at from this be are have it an or not which "

@@ -28,9 +28,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DISK_MODES", "Daemon", "Measurement", "disk_limit", "run_measured"]
+__all__ = ["DISK_MODES", "WORKER_KEY", "Daemon", "Measurement", "disk_limit", "run_measured"]
 
 DISK_MODES = ("fsync file+dir", "fsync file", "no fsync")
+#: The field a labelled :class:`Daemon` adds to each of its log lines.
+WORKER_KEY = "_bench_worker"
 GNU_TIME = "/usr/bin/time" if os.path.isfile("/usr/bin/time") else shutil.which("time")
 
 
@@ -144,12 +146,16 @@ class Daemon:
         failed_event: str = "sync failed",
         ready_event: str = "daemon started",
         account_key: str = "account",
+        lines: queue.Queue[dict[str, object]] | None = None,
+        label: str = "",
     ) -> None:
         self.finished_event = finished_event
         self.failed_event = failed_event
         self.ready_event = ready_event
         self.account_key = account_key
-        self._lines: queue.Queue[dict[str, object]] = queue.Queue()
+        # Several daemons (a fleet) may share one queue; each line then says whose it is.
+        self._lines: queue.Queue[dict[str, object]] = queue.Queue() if lines is None else lines
+        self.label = label
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -169,12 +175,18 @@ class Daemon:
             except ValueError:
                 continue
             if isinstance(obj, dict):
+                if self.label:
+                    obj[WORKER_KEY] = self.label
                 self._lines.put(obj)
 
     def _ticks(self) -> float:
         """CPU seconds (user+sys) the daemon used so far, from /proc."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user+sys) the running daemon used so far."""
+        return self._ticks()
 
     def rss_kib(self) -> tuple[int, int]:
         """Return (current RSS, peak RSS) in KiB from /proc/PID/status."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench import bigbox, mailgen, peers
+from bench import bigbox, fleet, mailgen, peers
 from bench.measure import DISK_MODES, Daemon, Measurement, disk_limit, run_measured
 from bench.proxy import DelayProxy
 from bench.storage import Storage, setup_storage
@@ -45,6 +45,7 @@ TITLES = {
     "c": "c: 10,000 x 4 KiB, second run with nothing new",
     "lat": "lat: 500 x 4 KiB through a 25 ms-each-way proxy (RTT ~50 ms), first fetch",
     "scale": "scale: 200 accounts on one popsync daemon, one full cycle",
+    "fleet": "fleet: 2,000 accounts, 4 popsync workers on one PostgreSQL vs 1 daemon on SQLite",
     "scale-uidl-100k": "scale-uidl: 100,000 UIDLs listed, all but 10 seen (synthetic server)",
     "scale-uidl-1m": "scale-uidl: 1,000,000 UIDLs listed, all but 10 seen (synthetic server)",
 }
@@ -518,6 +519,7 @@ def run_bench(opts: Options) -> Report:
                 "lat": lambda: _first_fetch(bench, "lat", proxy=True),
                 "scale": lambda: _scale(bench),
                 "scale-uidl": lambda: _scale_uidl(bench),
+                "fleet": lambda: fleet.run_fleet(bench),
             }
             for name in opts.scenarios:
                 got = scenario[name]()

@@ -1,0 +1,135 @@
+"""The fleet benchmark's parts: merged worker logs, cycle accounting and the database probe."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.fleet import Fleet, PgLoad, PgProbe, _PeakSampler, _start_postgres
+from devtools.postgres import postgres_available
+from tests.conftest import unavailable
+
+__all__: list[str] = []
+
+# A fake worker: "ready", then after each (delay, account) pair one "sync finished" line.
+_FAKE_WORKER = """
+import json, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print(json.dumps({"event": "daemon started"}), flush=True)
+for item in sys.argv[1:]:
+    delay, account = item.split(":")
+    time.sleep(float(delay))
+    event = "sync failed" if account.startswith("!") else "sync finished"
+    print(json.dumps({"event": event, "account": account.lstrip("!"), "error": "boom"}),
+          flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+class _Scripted(Fleet):
+    """A Fleet whose worker i runs the fake worker with the i-th list of arguments."""
+
+    def __init__(self, tmp_path: Path, scripts: list[list[str]]) -> None:
+        super().__init__([sys.executable, "-c", "pass"], {}, tmp_path, 0)
+        from bench.measure import Daemon
+
+        env = {"PATH": "/usr/bin:/bin"}
+        self.daemons = [
+            Daemon(
+                [sys.executable, "-c", _FAKE_WORKER, *args],
+                env,
+                tmp_path,
+                tmp_path / f"w{i}.log",
+                lines=self.lines,
+                label=f"w{i}",
+            )
+            for i, args in enumerate(scripts)
+        ]
+
+
+def test_wait_cycle_merges_workers_and_counts_each_workers_share(tmp_path: Path) -> None:
+    """Finished lines from every worker complete one cycle; the per-worker split is counted."""
+    fleet = _Scripted(tmp_path, [["0.1:a", "0.1:b"], ["0.1:c", "0.1:!d"]])
+    try:
+        fleet.wait_ready(timeout=20)
+        t0 = time.perf_counter()
+        last, failures, per_worker = fleet.wait_cycle({"a", "b", "c", "d"}, timeout=20)
+        assert last > t0
+        assert per_worker == {"w0": 2, "w1": 2}
+        assert failures == ["d: boom"]
+        assert fleet.cpu() > 0
+        assert fleet.rss_kib() > 0
+    finally:
+        life = fleet.stop()
+    assert life.exit_code == 0
+
+
+def test_wait_cycle_reports_an_account_synced_twice(tmp_path: Path) -> None:
+    """Two workers finishing the same account in one cycle is a failure, named by account."""
+    fleet = _Scripted(tmp_path, [["0.1:a", "1.0:b"], ["0.4:a"]])
+    try:
+        fleet.wait_ready(timeout=20)
+        _, failures, per_worker = fleet.wait_cycle({"a", "b"}, timeout=20)
+    finally:
+        fleet.stop()
+    assert failures == ["a: synced twice in one cycle"]
+    assert per_worker == {"w0": 2}
+
+
+def test_wait_cycle_fails_when_a_worker_dies(tmp_path: Path) -> None:
+    """A worker that exits mid-cycle ends the wait with an error instead of a hang."""
+    fleet = _Scripted(tmp_path, [["0.1:a"], []])
+    try:
+        fleet.wait_ready(timeout=20)
+        fleet.daemons[1].proc.kill()
+        with pytest.raises(TimeoutError, match="w1 exited"):
+            fleet.wait_cycle({"a", "b"}, timeout=20)
+    finally:
+        fleet.stop()
+
+
+def test_pg_load_difference() -> None:
+    """Subtracting two snapshots subtracts every counter."""
+    later = PgLoad(10, 2, 30, 400, 50, 1.5)
+    assert later - PgLoad(4, 1, 10, 100, 20, 0.5) == PgLoad(6, 1, 20, 300, 30, 1.0)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_pg_probe_sees_a_known_load() -> None:
+    """500 committed inserts show up as >= 500 commits, statements and written tuples."""
+    if not postgres_available():
+        unavailable("PostgreSQL is not installed (./dev setup installs it)")
+    import psycopg
+
+    root = Path(tempfile.mkdtemp(prefix="popsync-bench-pg-"))
+    try:
+        pg, dsn = _start_postgres(root)
+        try:
+            probe = PgProbe(pg, dsn.rsplit("/", 1)[1])
+            before = probe.snapshot()
+            with _PeakSampler(probe) as sampler, psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("CREATE TABLE t (n integer)")
+                for n in range(500):
+                    conn.execute("INSERT INTO t VALUES (%s)", (n,))
+                time.sleep(0.5)
+            # A backend flushes its counters when it exits (else up to 10 s later).
+            time.sleep(1.0)
+            load = probe.snapshot() - before
+            probe.close()
+        finally:
+            pg.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert load.commits >= 500
+    assert load.statements >= 500
+    assert load.tuples_written >= 500
+    assert load.rollbacks == 0
+    assert load.cpu > 0
+    assert sampler.peak >= 1
