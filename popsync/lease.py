@@ -33,7 +33,7 @@ import os
 import platform
 import threading
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,16 +49,20 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
     "DEFAULT_RENEW_SECONDS",
+    "LEASE_SECONDS_ENV",
     "MIGRATIONS",
+    "RENEW_SECONDS_ENV",
     "SCHEMA_VERSION",
     "Lease",
     "LeaseLost",
+    "LeaseRow",
     "LeaseStore",
     "Renewer",
     "SchemaTooNew",
     "database_error",
     "default_worker_id",
     "ensure_schema",
+    "lease_timing",
     "mailbox_key",
     "mailbox_of",
 ]
@@ -176,6 +180,53 @@ def database_error(exc: BaseException, secret: str | None = None) -> NetworkErro
     return NetworkError(f"PostgreSQL unavailable: {safe_text(text, 200)}")
 
 
+@dataclass(frozen=True)
+class LeaseRow:
+    """One account's row as ``popsync status`` shows it; ``expires_at`` None when unheld."""
+
+    server: str
+    username: str
+    holder: str | None
+    expires_at: datetime | None
+    next_due: datetime
+    claimed_at: datetime | None
+
+
+#: Tuning (and test) knobs: override the lease length and renewal period, in seconds.
+LEASE_SECONDS_ENV = "POPSYNC_LEASE_SECONDS"
+RENEW_SECONDS_ENV = "POPSYNC_LEASE_RENEW_SECONDS"
+
+
+def lease_timing(env: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """``(lease_seconds, renew_seconds)``: the defaults, or the two environment knobs.
+
+    Raises `popsync.errors.ConfigError` unless 0 < renew < lease: a lease renewed less
+    often than it lasts would lapse under a healthy worker.
+    """
+    from popsync.errors import ConfigError
+
+    source = os.environ if env is None else env
+    values: list[float] = []
+    for name, default in (
+        (LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS),
+        (RENEW_SECONDS_ENV, DEFAULT_RENEW_SECONDS),
+    ):
+        text = source.get(name, "").strip()
+        try:
+            values.append(float(text) if text else default)
+        except ValueError:
+            raise ConfigError([f"{name}: not a number of seconds"]) from None
+    lease, renew = values
+    if not 0 < renew < lease:
+        raise ConfigError(
+            [
+                f"{RENEW_SECONDS_ENV} ({renew:g}) must be above 0 and below {LEASE_SECONDS_ENV}"
+                f" ({lease:g})"
+            ]
+        )
+    return lease, renew
+
+
 def default_worker_id() -> str:
     """``host:pid``: unique among live workers, readable in ``popsync status``."""
     return f"{platform.node()}:{os.getpid()}"
@@ -211,6 +262,7 @@ WITH due AS (
     SELECT server, username FROM accounts_lease
     WHERE next_due <= clock_timestamp()
       AND (expires_at IS NULL OR expires_at <= clock_timestamp())
+      AND (%(known)s::text[] IS NULL OR username || '@' || server = ANY(%(known)s::text[]))
     ORDER BY next_due
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -263,6 +315,16 @@ SET expires_at = clock_timestamp() + make_interval(secs => %(seconds)s)
 WHERE token = ANY(%(tokens)s::uuid[]) AND expires_at > clock_timestamp()
 RETURNING token::text
 """
+_MAKE_DUE = """
+UPDATE accounts_lease SET next_due = clock_timestamp()
+WHERE next_due > clock_timestamp() AND username || '@' || server = ANY(%(known)s::text[])
+"""
+_OVERVIEW = """
+SELECT server, username, holder,
+       CASE WHEN expires_at > clock_timestamp() THEN expires_at END,
+       next_due, claimed_at
+FROM accounts_lease ORDER BY server, username
+"""
 _CHECK = """
 SELECT 1 FROM accounts_lease
 WHERE token = %(token)s AND expires_at > clock_timestamp()
@@ -282,6 +344,19 @@ def _lease(row: Sequence[Any]) -> Lease:
     return Lease(str(row[0]), str(row[1]), str(row[2]), str(row[3]), row[4], int(row[5]))
 
 
+def _idle_limit(milliseconds: int) -> Callable[[psycopg.Connection[Any]], None]:
+    """A pool ``configure`` hook: abort this session's transactions idle that long."""
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+            (str(milliseconds),),
+        )
+        conn.commit()
+
+    return configure
+
+
 class LeaseStore:
     """Claims, renews, checks and releases account leases through a small connection pool."""
 
@@ -292,20 +367,38 @@ class LeaseStore:
         max_connections: int = 4,
         timeout: float = 10.0,
         password: str | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
         """Open the pool and bring the schema up to date; ``conninfo`` is a libpq URI.
 
         ``password`` (when not in ``conninfo``, PGPASSWORD or PGPASSFILE) is passed to libpq
         as a separate parameter; it appears in no error message.
+
+        ``lease_seconds`` (fleet mode) bounds how long a partitioned worker can pin rows:
+        the server aborts a transaction left idle that long (a worker cut off between a
+        statement and its COMMIT would otherwise hold the row lock, and `claim_due`'s
+        ``SKIP LOCKED`` would skip the account until the server noticed the dead peer),
+        and TCP keepalives let the worker itself notice within about that time.
         """
         import psycopg
         from psycopg_pool import ConnectionPool
 
         self._secret = password
-        self._errors: tuple[type[Exception], ...] = (psycopg.OperationalError,)
+        # A transaction the server aborted for idling (see lease_seconds) is as temporary
+        # as a dropped connection.
+        self._errors: tuple[type[Exception], ...] = (
+            psycopg.OperationalError,
+            psycopg.errors.IdleInTransactionSessionTimeout,
+        )
         kwargs: dict[str, Any] = {"connect_timeout": max(1, int(timeout))}
         if password is not None:
             kwargs["password"] = password
+        configure = None
+        if lease_seconds is not None:
+            probe = max(1, int(lease_seconds / 3))
+            kwargs.update(keepalives=1, keepalives_idle=probe, keepalives_interval=probe)
+            kwargs["keepalives_count"] = 3
+            configure = _idle_limit(int(lease_seconds * 1000))
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             conninfo,
             min_size=1,
@@ -314,6 +407,7 @@ class LeaseStore:
             kwargs=kwargs,
             # A connection broken by a server restart is replaced at checkout, not handed out.
             check=ConnectionPool.check_connection,
+            configure=configure,
             open=False,
         )
         try:
@@ -368,10 +462,24 @@ class LeaseStore:
             return added
 
     def claim_due(
-        self, worker_id: str, limit: int, lease_seconds: float = DEFAULT_LEASE_SECONDS
+        self,
+        worker_id: str,
+        limit: int,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        *,
+        known: Collection[str] | None = None,
     ) -> list[Lease]:
-        """Claim up to ``limit`` due, unleased (or expired) accounts for ``worker_id``."""
-        params = {"limit": limit, "holder": worker_id, "seconds": lease_seconds}
+        """Claim up to ``limit`` due, unleased (or expired) accounts for ``worker_id``.
+
+        ``known`` (mailbox keys, ``username@server``) restricts the claim to accounts this
+        worker has in its config: a worker never takes an account it cannot run.
+        """
+        params = {
+            "limit": limit,
+            "holder": worker_id,
+            "seconds": lease_seconds,
+            "known": None if known is None else list(known),
+        }
         with self.connection() as conn:
             rows = conn.execute(_CLAIM, params).fetchall()
         return sorted((_lease(row) for row in rows), key=lambda lease: lease.expires_at)
@@ -437,6 +545,17 @@ class LeaseStore:
             cur = conn.execute(_RELEASE, {"token": _token(token), "next_due_in": next_due_in})
             if cur.rowcount != 1:
                 raise LeaseLost("lease expired or taken over before release")
+
+    def make_due(self, known: Collection[str]) -> int:
+        """Make the accounts ``known`` (``username@server``) due now; return how many moved."""
+        with self.connection() as conn:
+            return conn.execute(_MAKE_DUE, {"known": list(known)}).rowcount
+
+    def overview(self) -> list[LeaseRow]:
+        """Every account's lease row, for ``popsync status`` (times from the database)."""
+        with self.connection() as conn:
+            rows = conn.execute(_OVERVIEW).fetchall()
+        return [LeaseRow(*(row[:2]), *row[2:]) for row in rows]
 
     def check(self, token: str, conn: psycopg.Connection[Any] | None = None) -> None:
         """Raise `LeaseLost` unless ``token`` is still held; with ``conn``, fence its transaction.

@@ -194,7 +194,11 @@ class PgStore:
     ) -> PgStore:
         """Connect (a pool of up to ``max_connections``) and bring the schema up to date."""
         leases = LeaseStore(
-            conninfo, max_connections=max_connections, timeout=timeout, password=password
+            conninfo,
+            max_connections=max_connections,
+            timeout=timeout,
+            password=password,
+            lease_seconds=lease_seconds,
         )
         return cls(
             leases,

@@ -165,15 +165,19 @@ def open_store(config: Config) -> Store:
     """
     store: Store
     if is_postgres_url(config.store):
+        from popsync.lease import lease_timing
         from popsync.pgstore import PgStore
 
         assert config.store is not None  # is_postgres_url checked it
+        lease_seconds, renew_seconds = lease_timing()
         store = PgStore.open(
             config.store,
             state_dir=config.state_dir,
             password=store_password(config),
             worker_id=config.worker_id,
             max_connections=2 * config.max_workers + 2,
+            lease_seconds=lease_seconds,
+            renew_seconds=renew_seconds,
         )
     else:
         from popsync.owner import check_state_directory, refuse_foreign_root

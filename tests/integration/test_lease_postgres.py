@@ -23,6 +23,7 @@ from popsync.lease import (
     LeaseStore,
     SchemaTooNew,
     ensure_schema,
+    mailbox_of,
 )
 
 T = TypeVar("T")
@@ -214,3 +215,45 @@ def test_psycopg_is_imported_lazily() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert proc.stdout.strip() == "False"
+
+
+def test_claim_due_takes_only_the_accounts_a_worker_knows(store: LeaseStore) -> None:
+    """Config drift: a worker never claims an account missing from its own config."""
+    store.register([(SERVER, "alice"), (SERVER, "bob")])
+    [lease] = store.claim_due("a", limit=10, known=[mailbox_of(SERVER, "bob")])
+    assert lease.username == "bob"
+    assert store.claim_due("a", limit=10, known=[mailbox_of(SERVER, "carol")]) == []
+    assert [x.username for x in store.claim_due("b", limit=10)] == ["alice"]
+
+
+def test_make_due_and_overview(store: LeaseStore) -> None:
+    """make_due moves only the named accounts; overview shows holder, expiry and due time."""
+    store.register([(SERVER, "alice"), (SERVER, "bob")])
+    for lease in store.claim_due("a", limit=10):
+        store.release(lease.token, next_due_in=3600)
+    assert store.claim_due("a", limit=10) == []
+    assert store.make_due([mailbox_of(SERVER, "alice")]) == 1
+    [held] = store.claim_due("b", limit=10)
+    rows = {row.username: row for row in store.overview()}
+    assert (rows["alice"].holder, rows["alice"].expires_at) == ("b", held.expires_at)
+    assert (rows["bob"].holder, rows["bob"].expires_at) == (None, None)
+    assert rows["bob"].next_due > rows["alice"].next_due
+
+
+def test_a_partitioned_transaction_cannot_pin_a_lease_row(dsn: str) -> None:
+    """With lease_seconds the server aborts a transaction idle that long: its row lock goes."""
+
+    def go_quiet_in_a_transaction(leases: LeaseStore, token: str) -> None:
+        with leases.connection() as conn:
+            leases.check(token, conn=conn)  # row share-locked, then the client goes quiet
+            time.sleep(0.8)
+            assert leases.claim_due("b", limit=1) == []  # still locked within the limit
+            time.sleep(1.0)
+            conn.execute("SELECT 1")  # the server ended the transaction meanwhile
+
+    with LeaseStore(dsn, lease_seconds=1.0) as leases:
+        leases.register([(SERVER, "alice")])
+        [lease] = leases.claim_due("a", limit=1, lease_seconds=0.5)
+        with pytest.raises(NetworkError):
+            go_quiet_in_a_transaction(leases, lease.token)
+        assert [x.holder for x in leases.claim_due("b", limit=1)] == ["b"]

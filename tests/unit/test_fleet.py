@@ -1,0 +1,41 @@
+"""Fleet-mode pieces that need no server: the lease timing knobs."""
+
+from __future__ import annotations
+
+import pytest
+
+from popsync.errors import ConfigError
+from popsync.lease import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_RENEW_SECONDS,
+    LEASE_SECONDS_ENV,
+    RENEW_SECONDS_ENV,
+    lease_timing,
+)
+
+
+def test_lease_timing_defaults_to_thirty_seconds_renewed_every_ten() -> None:
+    """Without the environment knobs the documented defaults apply."""
+    assert lease_timing({}) == (DEFAULT_LEASE_SECONDS, DEFAULT_RENEW_SECONDS) == (30.0, 10.0)
+
+
+def test_lease_timing_knobs_override_both() -> None:
+    """Tests and tuning set both periods through the environment."""
+    assert lease_timing({LEASE_SECONDS_ENV: "3", RENEW_SECONDS_ENV: " 1.5 "}) == (3.0, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("lease", "renew", "problem"),
+    [
+        ("ten", "1", "POPSYNC_LEASE_SECONDS: not a number of seconds"),
+        ("3", "3", "POPSYNC_LEASE_RENEW_SECONDS (3) must be above 0 and below"),
+        ("3", "0", "POPSYNC_LEASE_RENEW_SECONDS (0) must be above 0 and below"),
+    ],
+)
+def test_lease_timing_refuses_a_lease_renewed_too_rarely(
+    lease: str, renew: str, problem: str
+) -> None:
+    """A renewal period not below the lease would let a healthy worker's lease lapse."""
+    with pytest.raises(ConfigError) as caught:
+        lease_timing({LEASE_SECONDS_ENV: lease, RENEW_SECONDS_ENV: renew})
+    assert caught.value.problems[0].startswith(problem)
