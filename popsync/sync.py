@@ -220,8 +220,16 @@ def _policy(account: Account) -> Policy:
 
 
 # --------------------------------------------------------------------------- recovery
-def recover(account: str, store: Store, target: Target, now: float) -> int:
+def recover(
+    account: str,
+    store: Store,
+    target: Target,
+    now: float,
+    fence: Callable[[], None] | None = None,
+) -> int:
     """Finish what a crash (or a deferred delivery) left pending; return how many completed.
+
+    ``fence`` (fleet mode) is called before anything is handed over, like a batch's.
 
     The target decides per pending row (see each target's docstring): delivered (a Maildir
     file already moved on, or handed over now), rejected, still deferred (the run then
@@ -231,6 +239,8 @@ def recover(account: str, store: Store, target: Target, now: float) -> int:
     pending = [Spooled(e.uidl, e.name, e.size or 0) for e in store.pending(account).values()]
     if not pending:
         return 0
+    if fence is not None:
+        fence()
     outcomes = target.recover(pending)
     gone = [item.uidl for item, outcome in zip(pending, outcomes, strict=True) if outcome is None]
     if gone:
@@ -323,8 +333,10 @@ class _Batcher:
         clock: Callable[[], float],
         result: RunResult,
         on_delivered: Callable[[bytes], None],
+        fence: Callable[[], None] | None = None,
     ) -> None:
         self._mailbox = mailbox
+        self._fence = fence
         self._store = store
         self._target = target
         self._clock = clock
@@ -397,6 +409,10 @@ class _Batcher:
                 tmp.discard()
             raise
         spooled = [Spooled(u, t.name, t.size, t.vsize) for u, t in items]
+        if self._fence is not None:
+            # Fleet mode: the lease must still be held right before the hand-over; if it is
+            # gone the batch stays pending for the new owner (LeaseLost ends the run, 75).
+            self._fence()
         outcomes = self._target.hand_over(spooled)
         done = list(zip(spooled, outcomes, strict=True))
         _commit_outcomes(self._mailbox, self._store, self._target, done, self._clock())
@@ -579,6 +595,7 @@ def _session(
     stop: threading.Event | None,
     progress: Progress | None,
     log: structlog.typing.FilteringBoundLogger,
+    fence: Callable[[], None] | None = None,
 ) -> bool:
     """One logged-in session; False when a RETR was cut off and the run must log in again."""
     from popsync.client import MessageTooLarge
@@ -635,7 +652,7 @@ def _session(
             if progress is not None:
                 progress(account.name, done[0], total, done[1])
 
-        batcher = _Batcher(account.mailbox, store, target, clock, result, deletable.add)
+        batcher = _Batcher(account.mailbox, store, target, clock, result, deletable.add, fence)
         # No budget from here on (a big mailbox takes what it takes), only the minimum rate.
         client.set_pace(_pace(account, "transfer"))
         trace = TraceHeaders(
@@ -795,11 +812,14 @@ def sync_account(
     progress: Progress | None = None,
     secret_resolver: Callable[[Account], str] | None = None,
     on_activity: Callable[[], None] | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> RunResult:
     """Run one sync of ``account``; never raises for expected failures (see ``RunResult``).
 
     ``on_activity`` is called whenever data arrives from the server: the daemon tells a
-    stuck run from a slow one by it.
+    stuck run from a slow one by it. ``fence`` (fleet mode, `popsync.fleet`) raises
+    `popsync.lease.LeaseLost` once this worker's lease is gone; it is called right before
+    every hand-over, so a run that lost its lease delivers nothing more.
 
     Whatever the server says is shown only through :func:`popsync.textsafe.safe_text`, with
     the account's secret, in every form it is sent, scrubbed for the rest of the run.
@@ -817,7 +837,7 @@ def sync_account(
             if account.maildir is not None and store.path is not None:
                 # A database server's store is shared by every worker: nothing to claim.
                 claim_maildir(account.maildir, store.path)
-            result.recovered = recover(account.mailbox, store, target, clock())
+            result.recovered = recover(account.mailbox, store, target, clock(), fence)
             if result.recovered:
                 log.info("recovered interrupted deliveries", count=result.recovered)
             # Debris of a run killed mid-RETR or mid-batch; other agents' files get 36 hours.
@@ -856,6 +876,7 @@ def sync_account(
                     stop=stop,
                     progress=progress,
                     log=log,
+                    fence=fence,
                 ):
                     break
                 if cutoffs == MAX_CUTOFFS:
