@@ -14,6 +14,10 @@ Maildir rename, nor deadlock on a lock the main thread holds.
   ``popsync status`` reads. (The units' ``ExecReload=`` also runs ``popsync check-config``
   first, so ``systemctl reload`` itself fails on a bad file.)
 * SIGUSR1: poll every account now.
+
+With ``store = "postgresql://…"`` the daemon is one worker of a fleet: `popsync.fleet`'s
+`FleetScheduler` takes the scheduler's place (claiming due accounts by lease, fencing each
+run with its lease token); signals mean the same, for this worker's accounts.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
 import structlog
 
@@ -39,6 +43,7 @@ from popsync.notify import Notifier
 
 if TYPE_CHECKING:
     from popsync.config import Account, Config, LogFormat
+    from popsync.fleet import FleetScheduler, FleetStore
     from popsync.metrics import Metrics
     from popsync.scheduler import AccountScheduler
     from popsync.store import Store
@@ -54,7 +59,7 @@ _TICK = 1.0
 
 
 class Daemon:
-    """The main loop around an :class:`AccountScheduler`."""
+    """The main loop around an :class:`AccountScheduler` (fleet mode: a FleetScheduler)."""
 
     def __init__(
         self,
@@ -95,13 +100,26 @@ class Daemon:
         self._progressing = True
         self.watchdog = self.notifier.watchdog_interval()
         beat = HEARTBEAT_EVERY if self.watchdog is None else min(HEARTBEAT_EVERY, self.watchdog / 4)
-        self.scheduler: AccountScheduler = AccountScheduler(
-            self._run_account,
-            max_workers=config.max_workers,
-            on_result=self._record,
-            heartbeat_every=beat,
-            on_delay=self._delayed,
-        )
+        self.scheduler: AccountScheduler | FleetScheduler
+        if _fleet_mode(config):
+            from popsync.fleet import FleetScheduler
+
+            self.scheduler = FleetScheduler(
+                self._run_fenced,
+                cast("FleetStore", store),
+                max_workers=config.max_workers,
+                on_result=self._record,
+                heartbeat_every=beat,
+                on_delay=self._delayed,
+            )
+        else:
+            self.scheduler = AccountScheduler(
+                self._run_account,
+                max_workers=config.max_workers,
+                on_result=self._record,
+                heartbeat_every=beat,
+                on_delay=self._delayed,
+            )
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -157,7 +175,20 @@ class Daemon:
         names = self.only or tuple(n for n, a in config.accounts.items() if a.enabled)
         return {n: config.accounts[n] for n in names if n in config.accounts}
 
-    def _run_account(self, account: Account) -> RunResult:
+    def _run_fenced(
+        self, account: Account, store: Store, fence: Callable[[], None], stop: threading.Event
+    ) -> RunResult:
+        """A fleet run: the store seen through the run's lease, its fence and stop flag."""
+        return self._run_account(account, store=store, fence=fence, stop=stop)
+
+    def _run_account(
+        self,
+        account: Account,
+        *,
+        store: Store | None = None,
+        fence: Callable[[], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> RunResult:
         from popsync.sync import sync_account
 
         name = account.name
@@ -165,9 +196,10 @@ class Daemon:
         def run() -> RunResult:
             return sync_account(
                 account,
-                self.store,
-                stop=self.stop_event,
+                self.store if store is None else store,
+                stop=self.stop_event if stop is None else stop,
                 on_activity=lambda: self.scheduler.note_activity(name),
+                fence=fence,
             )
 
         if self.metrics is None:
@@ -207,7 +239,7 @@ class Daemon:
             account = self.config.accounts.get(name)
             return 0 if account is None else store.count(account.mailbox)
 
-        metrics = Metrics(seen_entries)
+        metrics = Metrics(seen_entries, getattr(self.scheduler, "worker_id", None))
         try:
             metrics.serve(host, port)
         except OSError as exc:
@@ -352,7 +384,7 @@ class Daemon:
             self._write_record()
             self.notifier.ready(self.status_line())
             return
-        for key in ("state_dir", "max_workers", "metrics_listen"):
+        for key in _RESTART_KEYS:
             if getattr(config, key) != getattr(self.config, key):
                 self._log.warning(f"{key} changes need a restart; keeping the old value")
         configure_logging(
@@ -363,11 +395,7 @@ class Daemon:
         for warning in config.warnings:
             self._log.warning("config warning", detail=warning)
         self.config = config.model_copy(
-            update={
-                "state_dir": self.config.state_dir,
-                "max_workers": self.config.max_workers,
-                "metrics_listen": self.config.metrics_listen,
-            }
+            update={key: getattr(self.config, key) for key in _RESTART_KEYS}
         )
         accounts = self._accounts(config)
         if self.metrics is not None:
@@ -379,6 +407,16 @@ class Daemon:
         self.reload_failure = None
         self._write_record()
         self.notifier.ready(self.status_line())
+
+
+#: Settings a reload cannot change: the old value is kept (with a warning).
+_RESTART_KEYS = ("state_dir", "max_workers", "metrics_listen", "store", "worker_id")
+
+
+def _fleet_mode(config: Config) -> bool:
+    from popsync.store import is_postgres_url
+
+    return is_postgres_url(config.store)
 
 
 def _level(config: Config, verbose: int) -> str:

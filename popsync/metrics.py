@@ -51,8 +51,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 class Metrics:
     """The daemon's metrics and the HTTP server that exposes them."""
 
-    def __init__(self, seen_entries: Callable[[str], int]) -> None:
-        """``seen_entries(account)`` counts the account's rows in the seen-store."""
+    def __init__(self, seen_entries: Callable[[str], int], worker: str | None = None) -> None:
+        """``seen_entries(account)`` counts the account's rows in the seen-store.
+
+        ``worker`` (fleet mode) is published as ``popsync_worker_info{worker_id=…}``: one
+        series per process, to join on ``instance`` rather than a label on every metric.
+        """
         from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Info
         from prometheus_client.platform_collector import PlatformCollector
         from prometheus_client.process_collector import ProcessCollector
@@ -125,6 +129,10 @@ class Metrics:
         Info("popsync_build", "popsync version.", registry=registry).info(
             {"version": __version__, "python": platform.python_version()}
         )
+        if worker is not None:
+            Info("popsync_worker", "This fleet worker's id.", registry=registry).info(
+                {"worker_id": worker}
+            )
 
     # ----------------------------------------------------------------- server
     def serve(self, host: str, port: int) -> None:

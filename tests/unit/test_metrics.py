@@ -132,3 +132,10 @@ def test_dashboard_is_grafana_json_with_panels_and_variables() -> None:
     assert dash["panels"]
     assert all(panel["targets"] and panel["targets"][0]["expr"] for panel in dash["panels"])
     assert {v["name"] for v in dash["templating"]["list"]} >= {"datasource", "account"}
+
+
+def test_a_fleet_worker_publishes_its_id_once() -> None:
+    """In fleet mode one info series names the worker; without it there is none."""
+    fleet = _samples(Metrics(lambda name: 0, worker="host-a:41"))
+    assert fleet[("popsync_worker_info", frozenset({("worker_id", "host-a:41")}))] == 1
+    assert not [key for key in _samples(Metrics(lambda name: 0)) if "worker" in key[0]]
