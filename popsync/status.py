@@ -2,6 +2,9 @@
 
 Both read only the SQLite store, never the network, so they answer instantly and work
 while the daemon runs (WAL lets readers and the writer proceed together).
+
+In fleet mode (``store = "postgresql://…"``) they read the database instead, and each row
+also shows the account's lease: the worker holding it, until when, and when it is due next.
 """
 
 from __future__ import annotations
@@ -50,11 +53,25 @@ class AccountStatus:
     last_fetched: int
     failures: int
     error: str | None
+    #: Fleet mode only: the lease row (`popsync.lease.LeaseRow`) of the account.
+    fleet: bool = False
+    worker: str | None = None
+    lease_expires: float | None = None
+    next_due: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["last_run"] = _iso(self.last_run)
+        if not data.pop("fleet"):
+            for key in _FLEET_KEYS:
+                del data[key]
+        else:
+            data["lease_expires"] = _iso(self.lease_expires)
+            data["next_due"] = _iso(self.next_due)
         return data
+
+
+_FLEET_KEYS = ("worker", "lease_expires", "next_due")
 
 
 def _iso(stamp: float | None) -> str | None:
@@ -63,9 +80,28 @@ def _iso(stamp: float | None) -> str | None:
     return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
 
 
+def _leases(store: Store) -> dict[str, tuple[str | None, float | None, float | None]] | None:
+    """Fleet mode: mailbox -> (holder, lease expiry, next due); None for SQLite."""
+    leases = getattr(store, "leases", None)
+    if leases is None:
+        return None
+    from popsync.lease import LeaseStore, mailbox_of
+
+    assert isinstance(leases, LeaseStore)
+    return {
+        mailbox_of(row.server, row.username): (
+            row.holder if row.expires_at is not None else None,
+            None if row.expires_at is None else row.expires_at.timestamp(),
+            row.next_due.timestamp(),
+        )
+        for row in leases.overview()
+    }
+
+
 def collect_status(config: Config, store: Store) -> list[AccountStatus]:
     """One row per configured account, in config order."""
     runs = store.last_runs()
+    leases = _leases(store)
     rows = []
     for name, account in config.accounts.items():
         entries = store.entries(account.mailbox).values()
@@ -87,9 +123,20 @@ def collect_status(config: Config, store: Store) -> list[AccountStatus]:
                 failures=0 if run is None else run.consecutive_failures,
                 # Stored errors quote the server; older popsync stored them raw.
                 error=None if run is None or run.error is None else safe_text(run.error),
+                **_lease_fields(leases, account.mailbox),
             )
         )
     return rows
+
+
+def _lease_fields(
+    leases: dict[str, tuple[str | None, float | None, float | None]] | None, mailbox: str
+) -> dict[str, Any]:
+    if leases is None:
+        return {}
+    holder, expires, due = leases.get(mailbox, (None, None, None))
+    worker = None if holder is None else safe_text(holder, 200)
+    return {"fleet": True, "worker": worker, "lease_expires": expires, "next_due": due}
 
 
 def state_dir_of(config_path: Path) -> Path:
@@ -147,10 +194,18 @@ def _ago(stamp: float | None, now: float) -> str:
     return f"{seconds}s ago"
 
 
-def _cells(row: AccountStatus, now: float) -> list[str]:
+def _until(stamp: float | None, now: float) -> str:
+    if stamp is None:
+        return "-"
+    left = stamp - now  # _ago() of the mirrored time spells the same span
+    return "now" if left < 1 else "in " + _ago(now - left, now).removesuffix(" ago")
+
+
+def _cells(row: AccountStatus, now: float, fleet: bool) -> list[str]:
     outcome = row.outcome or "-"
     if row.failures > 1:
         outcome += f" (x{row.failures})"
+    lease = [row.worker or "-", _until(row.lease_expires, now), _until(row.next_due, now)]
     return [
         row.account + ("" if row.enabled else " (disabled)"),
         row.host,
@@ -162,6 +217,7 @@ def _cells(row: AccountStatus, now: float) -> list[str]:
         str(row.rejected),
         str(row.too_large),
         str(row.last_fetched),
+        *(lease if fleet else []),
         row.error or "",
     ]
 
@@ -179,26 +235,29 @@ _HEADERS = [
     "last fetched",
     "last error",
 ]
+_FLEET_HEADERS = ["worker", "lease until", "next due"]
 
 
 def render_status(rows: list[AccountStatus], stream: TextIO, *, now: float | None = None) -> None:
     """A rich table on a terminal, aligned plain text otherwise (for scripts and logs)."""
     now = time.time() if now is None else now
-    cells = [_cells(row, now) for row in rows]
+    fleet = any(row.fleet for row in rows)
+    cells = [_cells(row, now, fleet) for row in rows]
+    headers = [*_HEADERS[:-1], *(_FLEET_HEADERS if fleet else []), _HEADERS[-1]]
     if stream.isatty():
         from rich.console import Console
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(*_HEADERS, title="popsync accounts")
+        table = Table(*headers, title="popsync accounts")
         for row, line in zip(rows, cells, strict=True):
             style = None if row.outcome in (None, "ok") else "red"
             # Text, not str: rich would take "[AUTH]" or "[IN-USE]" in an error for markup.
             table.add_row(*(Text(cell) for cell in line), style=style)
         Console(file=stream).print(table)
         return
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(_HEADERS)]
-    for line in [_HEADERS, *cells]:
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    for line in [headers, *cells]:
         stream.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
         stream.write("\n")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,30 @@ def test_terminal_rendering_is_a_rich_table(
     assert any(ch in text for ch in "┃│|")  # drawn as a table, unlike the plain output
     for name in ("home", "work", "old"):
         assert name in text
+
+
+def test_fleet_rows_show_the_worker_lease_expiry_and_next_due(
+    config: Config, store: SeenStore
+) -> None:
+    """In fleet mode the table and the JSON carry the lease: holder, until when, next due."""
+    _run(store, "home", NOW - 60, fetched=1, messages_on_server=1)
+    rows = [
+        replace(row, fleet=True, worker=worker, lease_expires=expires, next_due=due)
+        for row, (worker, expires, due) in zip(
+            collect_status(config, store),
+            [("host-a:17", NOW + 20, NOW - 5), (None, None, NOW + 3600), (None, None, NOW)],
+            strict=True,
+        )
+    ]
+    out = io.StringIO()
+    render_status(rows, out, now=NOW)
+    header, home, work, _ = out.getvalue().splitlines()
+    assert header.split()[14:19] == ["worker", "lease", "until", "next", "due"]
+    assert home.split()[-5:] == ["1", "host-a:17", "in", "20s", "now"]
+    assert "in 1h" in work
+    as_json = rows[0].as_dict()
+    assert as_json["worker"] == "host-a:17"
+    assert as_json["lease_expires"] == "2027-01-15T08:00:20+00:00"
+    assert as_json["next_due"] == "2027-01-15T07:59:55+00:00"
+    plain = collect_status(config, store)[0].as_dict()
+    assert not {"worker", "lease_expires", "next_due"} & plain.keys()  # SQLite: unchanged
