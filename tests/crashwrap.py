@@ -17,6 +17,8 @@ Steps (the durability order of ``popsync/sync.py``, each counted from 1 with ``-
                 which LMTP and MDA deliveries can be duplicated
 ``retr``        in the middle of the Nth message's RETR: at its first write into tmp/, that
                 partial data already on disk
+``fence``       after the Nth fleet-mode lease check before a hand-over passed (the start of
+                the residual window of `popsync.fleet`)
 ``random``      at the Nth hook event of any kind above, every write of a message included
 ``never``       no kill: a plain run, with the same ``--batch-messages``
 
@@ -26,6 +28,8 @@ process exits with popsync's own exit code, so a caller can tell "killed" (-9) f
 ``--events FILE`` appends the name of every hook event to FILE (for choosing N).
 ``--trace FILE`` records every fsync, rename and seen-store commit (`tests.durability`),
 ``--disable-fsync KIND`` makes one kind of flush a no-op, to prove the order check notices.
+``--signal STOP`` stops the process there instead of killing it (a paused fleet worker; the
+test sends SIGCONT). The seen-store hooks cover SQLite and, in fleet mode, PostgreSQL.
 """
 
 from __future__ import annotations
@@ -52,18 +56,23 @@ STEPS = (
     "delivered",
     "dele",
     "handover",
+    "fence",
     "retr",
     "random",
     "never",
 )
 
-_KILL = signal.SIGKILL
-
 
 class CrashPlan:
     """Counts hook events and kills the process at the chosen one."""
 
-    def __init__(self, step: str, nth: int, events: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        step: str,
+        nth: int,
+        events: TextIO | None = None,
+        signum: signal.Signals = signal.SIGKILL,
+    ) -> None:
         if step not in STEPS:
             raise ValueError(f"unknown step {step!r}")
         self.step = step
@@ -71,6 +80,7 @@ class CrashPlan:
         self.counts: dict[str, int] = {}
         self.total = 0
         self._events = events
+        self._signal = signum
         self._lock = threading.Lock()
 
     def hit(self, kind: str, before_kill: Callable[[], None] | None = None) -> None:
@@ -91,7 +101,7 @@ class CrashPlan:
         if chosen:
             if before_kill is not None:
                 before_kill()
-            os.kill(os.getpid(), _KILL)
+            os.kill(os.getpid(), self._signal)
 
 
 def _after(plan: CrashPlan, kind: str, func: Callable[..., Any]) -> Callable[..., Any]:
@@ -161,8 +171,22 @@ def install(plan: CrashPlan) -> None:
 
     for target in (lmtp.LmtpTarget, mda.MdaTarget, mbox.MboxTarget, maildir_target.MaildirTarget):
         target.hand_over = _after(plan, "handover", target.hand_over)  # type: ignore[method-assign]
+    _install_fleet(plan)
     client_cls = client.Pop3Client
     client_cls.dele_many = _after(plan, "dele", client_cls.dele_many)  # type: ignore[method-assign]
+
+
+def _install_fleet(plan: CrashPlan) -> None:
+    """The same seen-store hooks on the PostgreSQL store, and the fleet's lease fence."""
+    try:
+        from popsync import pgstore
+    except ImportError:  # psycopg missing: no fleet mode to hook
+        return
+    pg_cls = pgstore.PgStore
+    pg_cls.add_pending = _after(plan, "pending", pg_cls.add_pending)  # type: ignore[method-assign]
+    pg_cls.mark_delivered = _after(plan, "delivered", pg_cls.mark_delivered)  # type: ignore[method-assign]
+    view_cls = pgstore.FencedStore
+    view_cls.fence = _after(plan, "fence", view_cls.fence)  # type: ignore[method-assign]
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -175,6 +199,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--events", type=Path, default=None)
     parser.add_argument("--trace", type=Path, default=None)
     parser.add_argument("--disable-fsync", choices=DISABLE, default=None)
+    parser.add_argument("--signal", choices=("KILL", "STOP"), default="KILL")
     return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
@@ -189,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trace = args.trace.open("a", encoding="utf-8") if args.trace is not None else None
     if trace is not None:
         install_trace(trace, args.disable_fsync)  # first: the crash hooks call the traced os.*
-    install(CrashPlan(args.at, args.nth, events))
+    install(CrashPlan(args.at, args.nth, events, signal.Signals[f"SIG{args.signal}"]))
     try:
         return cli.main(popsync_args)
     finally:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,17 @@ _SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")
 class DaemonProcess:
     """``popsync -c CONFIG`` in a subprocess, its stderr parsed into JSON events."""
 
-    def __init__(self, config: Path, *args: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        launcher: Sequence[str] = ("-m", "popsync"),
+    ) -> None:
+        """``launcher`` replaces ``-m popsync``, e.g. with ``tests.crashwrap`` and its options."""
         base = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "popsync", "-c", str(config), *args],
+            [sys.executable, *launcher, "-c", str(config), *args],
             cwd=REPO,
             env={**base, "PYTHONPATH": str(REPO), **(env or {})},
             stdin=subprocess.DEVNULL,
