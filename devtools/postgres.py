@@ -88,7 +88,8 @@ class Postgres:
 
     host = "127.0.0.1"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, password: str | None = None) -> None:
+        """``password``: the superuser needs it (SCRAM) on every connection; None trusts all."""
         bindir = postgres_bindir()
         if bindir is None:
             raise PostgresError("PostgreSQL (initdb, pg_ctl) is not installed")
@@ -99,6 +100,7 @@ class Postgres:
         self.log_file = self.root / "postgres.log"
         self.port = 0
         self.user = _SUPERUSER
+        self.password = password
         self._as_root = os.geteuid() == 0
         self._started = False
 
@@ -193,7 +195,9 @@ class Postgres:
         """Run one statement as the superuser, outside a transaction."""
         import psycopg
 
-        with psycopg.connect(self.dsn(dbname), autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(
+            self.dsn(dbname), autocommit=True, connect_timeout=10, password=self.password
+        ) as conn:
             conn.execute(sql.encode())
 
     # -- internals ---------------------------------------------------------------
@@ -216,14 +220,27 @@ class Postgres:
         return ["runuser", "-u", _SERVICE_USER, "--", *argv] if self._as_root else argv
 
     def _initdb(self) -> None:
+        auth = "trust" if self.password is None else "scram-sha-256"
+        options = ["-A", auth]
+        pwfile = self.root / "superuser.pw"
+        if self.password is not None:
+            pwfile.write_text(self.password + "\n")
+            if self._as_root:
+                entry = pwd.getpwnam(_SERVICE_USER)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+            pwfile.chmod(0o600)
+            options.append(f"--pwfile={pwfile}")
         argv = self._argv(
-            "initdb", "-D", str(self.data_dir), "-U", _SUPERUSER, "-A", "trust",
+            "initdb", "-D", str(self.data_dir), "-U", _SUPERUSER, *options,
             "-E", "UTF8", "--locale=C", "--no-sync",
         )  # fmt: skip
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        finally:
+            pwfile.unlink(missing_ok=True)
         if proc.returncode != 0:
             raise PostgresError(f"initdb failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        (self.data_dir / "pg_hba.conf").write_text(_HBA)
+        (self.data_dir / "pg_hba.conf").write_text(_HBA.replace("trust", auth))
 
     def _write_settings(self) -> None:
         settings = _SETTINGS.format(port=self.port, socket_dir=self.socket_dir)

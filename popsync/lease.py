@@ -53,6 +53,7 @@ __all__ = [
     "MIGRATIONS",
     "RENEW_SECONDS_ENV",
     "SCHEMA_VERSION",
+    "DatabaseAuthError",
     "Lease",
     "LeaseLost",
     "LeaseRow",
@@ -166,10 +167,18 @@ def mailbox_of(server: str, username: str) -> str:
     return f"{username}@{server}"
 
 
-def database_error(exc: BaseException, secret: str | None = None) -> NetworkError:
-    """A temporary popsync error for a failed database connection: one safe, bounded line.
+class DatabaseAuthError(PopsyncError):
+    """PostgreSQL refused the login (wrong or missing password, no such role): exit 77."""
 
-    libpq's messages name host and port, never the password; ``secret`` is removed anyway.
+    exit_code = ExitCode.AUTH
+
+
+def database_error(exc: BaseException, secret: str | None = None) -> PopsyncError:
+    """A popsync error for a failed database connection: one safe, bounded line.
+
+    A refused login is `DatabaseAuthError` (77: retrying will not help); anything else is a
+    temporary `NetworkError` (75). libpq's messages name host, port and user, never the
+    password; ``secret`` is removed anyway.
     """
     from popsync.textsafe import safe_text
 
@@ -177,7 +186,13 @@ def database_error(exc: BaseException, secret: str | None = None) -> NetworkErro
     text = lines[0] if lines else type(exc).__name__
     if secret:
         text = text.replace(secret, "[redacted]")
-    return NetworkError(f"PostgreSQL unavailable: {safe_text(text, 200)}")
+    text = safe_text(text, 200)
+    # A refused login at connect time carries no SQLSTATE in psycopg: match libpq's words.
+    sqlstate = str(getattr(exc, "sqlstate", None) or "")
+    refused = ("authentication failed", "no password supplied", "password is missing")
+    if sqlstate.startswith("28") or any(words in text for words in refused):
+        return DatabaseAuthError(f"PostgreSQL refused the login: {text}")
+    return NetworkError(f"PostgreSQL unavailable: {text}")
 
 
 @dataclass(frozen=True)
@@ -411,12 +426,14 @@ class LeaseStore:
             open=False,
         )
         try:
+            # One direct connection first: when the database cannot be used, its error says
+            # why (refused, wrong password); the pool's own would only say it timed out.
             try:
+                with psycopg.connect(conninfo, **kwargs) as first:
+                    ensure_schema(first)
                 self._pool.open(wait=True, timeout=timeout)
             except self._errors as exc:
                 raise database_error(exc, self._secret) from exc
-            with self.connection() as conn:
-                ensure_schema(conn)
         except BaseException:
             self._pool.close()
             raise

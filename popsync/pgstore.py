@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -177,6 +177,9 @@ class PgStore:
         self._state_dir = Path(state_dir)
         self.renewer = Renewer(leases, interval=renew_seconds, lease_seconds=lease_seconds)
         self._held: dict[str, str] = {}  # mailbox -> token of a lease lock() holds
+        # Mailboxes whose lock() found its lease gone at the end: the run that follows
+        # must not record itself over the new holder's (see record_run).
+        self._lost_runs: set[str] = set()
         self._guard = threading.Lock()
 
     @classmethod
@@ -446,7 +449,17 @@ class PgStore:
     # --- runs -----------------------------------------------------------------------------------
 
     def record_run(self, mailbox: str, record: RunRecord, *, fence: str | None = None) -> RunRecord:
-        """Store the mailbox's latest run; returns it with consecutive_failures updated."""
+        """Store the mailbox's latest run; returns it with consecutive_failures updated.
+
+        Refused (`LeaseLost`) once, right after a `lock` of this mailbox ended with its lease
+        taken over: the run's record belongs to the worker that holds the account now.
+        """
+        if fence is None:
+            with self._guard:
+                lost = mailbox in self._lost_runs
+                self._lost_runs.discard(mailbox)
+            if lost:
+                raise LeaseLost("run not recorded: the lease was taken over during the run")
         params = {
             "mailbox": mailbox,
             "started": record.started,
@@ -509,6 +522,7 @@ class PgStore:
             raise
         with self._guard:
             self._held[mailbox] = lease.token
+            self._lost_runs.discard(mailbox)
         self.renewer.add(lease.token)
         try:
             yield
@@ -516,14 +530,24 @@ class PgStore:
             self.renewer.discard(lease.token)
             with self._guard:
                 del self._held[mailbox]
-            self._release(lease.token)
+            if not self._release(lease.token):
+                with self._guard:
+                    self._lost_runs.add(mailbox)
 
-    def _release(self, token: str) -> None:
-        """Give the lease back; gone or unreachable both mean it simply runs out."""
+    def _release(self, token: str) -> bool:
+        """Give the lease back; False when it was already gone (taken over or expired).
+
+        An unreachable database counts as released: the lease simply runs out.
+        """
         from popsync.errors import NetworkError
 
-        with suppress(LeaseLost, NetworkError):
+        try:
             self.leases.release(token, next_due_in=None)
+        except LeaseLost:
+            return False
+        except NetworkError:
+            pass
+        return True
 
     def close(self) -> None:
         """Stop renewing and close every pooled connection."""

@@ -15,8 +15,10 @@ __all__ = ["private_postgres"]
 
 
 @contextmanager
-def private_postgres() -> Iterator[Postgres]:
+def private_postgres(password: str | None = None) -> Iterator[Postgres]:
     """A cluster of the test's own (the session one must never be stopped), removed after.
+
+    With ``password`` every connection must authenticate with it (SCRAM).
 
     Outside pytest's 0700 temp base: as root the server runs as the postgres user.
     """
@@ -24,7 +26,7 @@ def private_postgres() -> Iterator[Postgres]:
         unavailable("PostgreSQL is not installed: ./dev setup installs it")
     root = Path(tempfile.mkdtemp(prefix="popsync-postgres-"))
     try:
-        with Postgres(root) as server:
+        with Postgres(root, password=password) as server:
             yield server
     finally:
         shutil.rmtree(root, ignore_errors=True)

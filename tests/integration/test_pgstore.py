@@ -120,6 +120,10 @@ def test_writes_under_a_lock_that_was_taken_over_are_refused(
             with pytest.raises(LeaseLost):
                 one.record_run(MAILBOX, RunRecord(1.0, 2.0, "ok"))
             two.mark_delivered(MAILBOX, [(b"1", "by-two")], at=3.0)
+    with pytest.raises(LeaseLost, match="run not recorded"):
+        one.record_run(MAILBOX, RunRecord(1.0, 2.0, "network"))  # the run that lost it
+    assert one.last_runs() == {}
+    one.record_run(MAILBOX, RunRecord(4.0, 5.0, "ok"))  # refused once, not for ever
     entries = one.entries(MAILBOX)
     assert set(entries) == {b"1"}
     assert (entries[b"1"].name, entries[b"1"].delivered_at) == ("by-two", 3.0)
