@@ -76,7 +76,7 @@ _SELECT_OTHERS = f"{_SELECT_ENTRIES} AND NOT ({_DELIVERED})"
 _ADD_PENDING = """
 INSERT INTO seen AS s (mailbox, uidl, state, name, size, first_seen)
 SELECT %(mailbox)s, u, 'pending', n, z, %(at)s
-FROM unnest(%(uidls)s::bytea[], %(names)s::text[], %(sizes)s::bigint[]) AS t(u, n, z)
+FROM unnest(%(uidls)b::bytea[], %(names)b::text[], %(sizes)b::bigint[]) AS t(u, n, z)
 ON CONFLICT (mailbox, uidl) DO UPDATE
 SET state = 'pending', name = excluded.name, size = excluded.size,
     vanished_at = NULL, absent_runs = 0
@@ -85,7 +85,7 @@ WHERE s.state IN ('pending', 'too_large')
 _MARK_DELIVERED = """
 INSERT INTO seen AS s (mailbox, uidl, state, name, first_seen, delivered_at)
 SELECT %(mailbox)s, u, 'delivered', n, %(at)s, %(at)s
-FROM unnest(%(uidls)s::bytea[], %(names)s::text[]) AS t(u, n)
+FROM unnest(%(uidls)b::bytea[], %(names)b::text[]) AS t(u, n)
 ON CONFLICT (mailbox, uidl) DO UPDATE
 SET name = excluded.name,
     delivered_at = CASE WHEN s.state = 'delivered' THEN s.delivered_at
@@ -95,28 +95,28 @@ SET name = excluded.name,
 _MARK_REJECTED = """
 INSERT INTO seen AS s (mailbox, uidl, state, name, first_seen)
 SELECT %(mailbox)s, u, 'rejected', n, %(at)s
-FROM unnest(%(uidls)s::bytea[], %(names)s::text[]) AS t(u, n)
+FROM unnest(%(uidls)b::bytea[], %(names)b::text[]) AS t(u, n)
 ON CONFLICT (mailbox, uidl) DO UPDATE
 SET name = excluded.name, state = 'rejected' WHERE s.state = 'pending'
 """
 _MARK_TOO_LARGE = """
 INSERT INTO seen AS s (mailbox, uidl, state, name, size, first_seen)
 SELECT %(mailbox)s, u, 'too_large', '', z, %(at)s
-FROM unnest(%(uidls)s::bytea[], %(sizes)s::bigint[]) AS t(u, z)
+FROM unnest(%(uidls)b::bytea[], %(sizes)b::bigint[]) AS t(u, z)
 ON CONFLICT (mailbox, uidl) DO UPDATE SET size = excluded.size
 WHERE s.state = 'too_large' AND s.size IS DISTINCT FROM excluded.size
 """
 _NOTE_ABSENT = """
 UPDATE seen SET vanished_at = coalesce(vanished_at, %(at)s), absent_runs = absent_runs + 1
-WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)s::bytea[])
+WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)b::bytea[])
 """
 _NOTE_PRESENT = """
 UPDATE seen SET vanished_at = NULL, absent_runs = 0
-WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)s::bytea[])
+WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)b::bytea[])
 """
 _MARK_DELETED = """
 UPDATE seen SET deleted_at = %(at)s
-WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)s::bytea[]) AND state = 'delivered'
+WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)b::bytea[]) AND state = 'delivered'
 """
 _RECORD_RUN = """
 INSERT INTO runs AS r (mailbox, started, finished, outcome, fetched, skipped, deleted, bytes,
@@ -285,7 +285,7 @@ class PgStore:
         with (
             self.leases.connection() as conn,
             conn.transaction(),
-            conn.cursor(name="popsync_stream") as cursor,
+            conn.cursor(name="popsync_stream", binary=True) as cursor,
         ):
             cursor.itersize = STREAM_BATCH
             cursor.execute(sql.encode(), (mailbox,))
@@ -407,12 +407,12 @@ class PgStore:
 
     def remove(self, mailbox: str, uidls: Iterable[bytes], *, fence: str | None = None) -> int:
         """Drop PENDING rows (their file vanished) so they are fetched again; delivered stay."""
-        sql = "DELETE FROM seen WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)s::bytea[])"
+        sql = "DELETE FROM seen WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)b::bytea[])"
         return self._uidls(sql + " AND state = 'pending'", mailbox, uidls, fence)
 
     def forget(self, mailbox: str, uidls: Iterable[bytes], *, fence: str | None = None) -> int:
         """Drop rows of UIDLs the server no longer lists (the planner decides when)."""
-        sql = "DELETE FROM seen WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)s::bytea[])"
+        sql = "DELETE FROM seen WHERE mailbox = %(mailbox)s AND uidl = ANY(%(uidls)b::bytea[])"
         return self._uidls(sql, mailbox, uidls, fence)
 
     def mark_deleted(

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psycopg
@@ -11,9 +17,12 @@ import pytest
 from devtools.dovecot import Dovecot, MailUser
 from devtools.postgres import Postgres
 from popsync.config import parse_config
+from popsync.errors import LockBusy
 from popsync.lease import LeaseStore, mailbox_key
 from tests.pghelp import private_postgres
 from tests.synchelp import (
+    REPO,
+    TomlValue,
     assert_exactly_once,
     dovecot_keys,
     maildir_messages,
@@ -23,14 +32,37 @@ from tests.synchelp import (
 )
 
 KILLED = -9
+#: Runs popsync's main() with short leases, two-message batches, and a SIGSTOP of itself right
+#: after its STOP_AFTER-th mark_delivered commit (a worker paused mid-run: GC, VM migration).
+_PAUSER = """
+import os, signal, sys
+import popsync.sync as sync
+from popsync import pgstore
+sync.BATCH_MESSAGES = 2
+opener = pgstore.PgStore.open.__func__
+def short_leases(cls, *args, **kwargs):
+    kwargs.update(lease_seconds=float(os.environ["LEASE"]), renew_seconds=1.0)
+    return opener(cls, *args, **kwargs)
+pgstore.PgStore.open = classmethod(short_leases)
+deliver = pgstore.PgStore.mark_delivered
+calls = [0]
+def mark_delivered(self, *args, **kwargs):
+    deliver(self, *args, **kwargs)
+    calls[0] += 1
+    if calls[0] == int(os.environ["STOP_AFTER"]):
+        os.kill(os.getpid(), signal.SIGSTOP)
+pgstore.PgStore.mark_delivered = mark_delivered
+from popsync.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 DB_PASSWORD = "Zq7-db-secret-e2e"
 
 
 def write_pg_config(
-    path: Path, dsn: str, state_dir: Path, account: dict[str, object], *extra: str
+    path: Path, dsn: str, state_dir: Path, account: Mapping[str, TomlValue], *extra: str
 ) -> Path:
     """A 0600 config with one account and ``store = dsn`` (plus ``extra`` top-level lines)."""
-    text = toml_config(state_dir, {"acct": account})  # type: ignore[dict-item]
+    text = toml_config(state_dir, {"acct": account})
     path.write_text("\n".join([f'store = "{dsn}"', *extra, text]))
     path.chmod(0o600)
     return path
@@ -186,3 +218,61 @@ def test_an_unreachable_database_is_exit_75_with_one_line(
     assert len(lines) == 1, down.stderr
     assert "PostgreSQL unavailable" in lines[0]
     assert DB_PASSWORD not in down.stdout + down.stderr
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (T when stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _lease_expired(dsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT bool_and(expires_at <= clock_timestamp()) FROM accounts_lease")
+        return bool(row.fetchone()[0])  # type: ignore[index]
+
+
+def test_a_paused_once_is_taken_over_and_its_commits_refused(
+    dovecot: Dovecot, mail_user: MailUser, dsn: str, tmp_path: Path
+) -> None:
+    """SIGSTOP past the lease: another --once takes over; the resumed one commits nothing (75)."""
+    messages = [make_message(i) for i in range(6)]
+    dovecot.deliver_many(mail_user, messages)
+    maildir = tmp_path / "Maildir"
+    keys = dovecot_keys(dovecot, mail_user, maildir)
+    config = write_pg_config(tmp_path / "popsync.toml", dsn, tmp_path / "state", keys)
+    mailbox = parse_config(config.read_text()).accounts["acct"].mailbox
+    paused = subprocess.Popen(
+        [sys.executable, "-c", _PAUSER, "--once", "-c", str(config)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "LEASE": "8", "STOP_AFTER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for("the first run to stop itself", lambda: _state(paused.pid) == "T")
+        assert len(maildir_messages(maildir)) == 2  # its first batch is delivered
+        with LeaseStore(dsn) as leases, pytest.raises(LockBusy, match=f":{paused.pid} "):
+            leases.claim("test", mailbox_key(mailbox))  # still held by the stopped worker
+        _wait_for("its lease to expire", lambda: _lease_expired(dsn), timeout=30)
+        taker = run_popsync(["--once", "-c", str(config)])
+        assert taker.returncode == 0, taker.stderr
+        assert_exactly_once(maildir_messages(maildir), messages)
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+        _, err = paused.communicate(timeout=60)
+    assert paused.returncode == 75, err
+    assert "lease expired or taken over" in err
+    assert "Traceback" not in err
+    assert_exactly_once(maildir_messages(maildir), messages)  # the resumed run added nothing
+    assert delivered_rows(dsn) == {"delivered": 6}
+    with psycopg.connect(dsn) as conn:
+        runs = conn.execute("SELECT outcome, fetched FROM runs").fetchall()
+    assert runs == [("ok", 4)]  # the taker's record; the resumed run's was refused
