@@ -90,10 +90,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX accounts_lease_due ON accounts_lease (next_due);
     """,
     # 1 -> 2: the seen-store and run records (popsync.pgstore), as in popsync.seen's SQLite
-    # schema version 3+: times are epoch seconds (double precision) like SeenEntry's floats.
+    # schema version 3+: times are epoch seconds (double precision) like SeenEntry's floats;
+    # mailbox keys compare byte by byte (COLLATE "C", SQLite's BINARY), so prefix and range
+    # probes use the primary key whatever the database's locale.
     """
     CREATE TABLE seen (
-        mailbox      text             NOT NULL,
+        mailbox      text COLLATE "C" NOT NULL,
         uidl         bytea            NOT NULL,
         state        text             NOT NULL
             CHECK (state IN ('pending', 'delivered', 'too_large', 'rejected')),
@@ -107,7 +109,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (mailbox, uidl)
     );
     CREATE TABLE runs (
-        mailbox              text PRIMARY KEY,
+        mailbox              text COLLATE "C" PRIMARY KEY,
         started              double precision NOT NULL,
         finished             double precision,
         outcome              text NOT NULL,
@@ -454,29 +456,39 @@ class LeaseStore:
         self._pool.close()
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+    def connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection; its transaction commits when the block ends without error.
+
+        ``autocommit=True`` (the seen-store's way) saves a single statement the BEGIN and
+        COMMIT round trips; atomic work then opens ``conn.transaction()`` itself.
 
         A lost database connection surfaces as `NetworkError` (temporary: retry later).
         """
         try:
             with self._pool.connection() as conn:
-                yield conn
+                if not autocommit:
+                    yield conn
+                    return
+                conn.autocommit = True
+                try:
+                    yield conn
+                finally:
+                    # Back to the pool as it came (idle, so this costs no round trip).
+                    with contextlib.suppress(Exception):
+                        conn.autocommit = False
         except self._errors as exc:
             raise database_error(exc, self._secret) from exc
 
     def register(self, accounts: Sequence[tuple[str, str]]) -> int:
         """Add ``(server, username)`` mailboxes that have no lease row yet; return how many."""
-        with self.connection() as conn, conn.cursor() as cur:
-            added = 0
-            for server, username in accounts:
-                cur.execute(
-                    "INSERT INTO accounts_lease (server, username) VALUES (%s, %s)"
-                    " ON CONFLICT DO NOTHING",
-                    (server, username),
-                )
-                added += cur.rowcount
-            return added
+        # One statement (one round trip) for any number of accounts.
+        with self.connection(autocommit=True) as conn:
+            cur = conn.execute(
+                "INSERT INTO accounts_lease (server, username)"
+                " SELECT * FROM unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING",
+                ([server for server, _ in accounts], [username for _, username in accounts]),
+            )
+            return max(cur.rowcount, 0)
 
     def claim_due(
         self,
@@ -503,7 +515,7 @@ class LeaseStore:
 
     def renew(self, token: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Lease:
         """Extend a held lease by ``lease_seconds`` from now; `LeaseLost` if it is gone."""
-        with self.connection() as conn:
+        with self.connection(autocommit=True) as conn:
             row = conn.execute(
                 _RENEW, {"token": _token(token), "seconds": lease_seconds}
             ).fetchone()
@@ -526,7 +538,7 @@ class LeaseStore:
             "holder": worker_id,
             "seconds": lease_seconds,
         }
-        with self.connection() as conn:
+        with self.connection(autocommit=True) as conn:
             row = conn.execute(_CLAIM_ONE, params).fetchone()
             if row is not None:
                 return _lease(row)
@@ -549,7 +561,7 @@ class LeaseStore:
                 continue  # never issued, so not held
         if not wanted:
             return set()
-        with self.connection() as conn:
+        with self.connection(autocommit=True) as conn:
             rows = conn.execute(_RENEW_MANY, {"tokens": wanted, "seconds": lease_seconds})
             return {str(row[0]) for row in rows.fetchall()}
 
@@ -558,7 +570,7 @@ class LeaseStore:
 
         ``next_due_in=None`` leaves the account's due time as it was.
         """
-        with self.connection() as conn:
+        with self.connection(autocommit=True) as conn:
             cur = conn.execute(_RELEASE, {"token": _token(token), "next_due_in": next_due_in})
             if cur.rowcount != 1:
                 raise LeaseLost("lease expired or taken over before release")
@@ -584,7 +596,7 @@ class LeaseStore:
         if conn is not None:
             held = conn.execute(_CHECK, params).fetchone() is not None
         else:
-            with self.connection() as own:
+            with self.connection(autocommit=True) as own:
                 held = own.execute(_CHECK, params).fetchone() is not None
         if not held:
             raise LeaseLost("lease expired or taken over")

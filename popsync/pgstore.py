@@ -243,13 +243,13 @@ class PgStore:
         token = fence or self._token_for(mailbox)
         if token is not None and self.renewer.lost(token):
             raise LeaseLost("lease expired or taken over (a renewal found it gone)")
-        with self.leases.connection() as conn, conn.transaction():
+        with self.leases.connection(autocommit=True) as conn, conn.transaction():
             if token is not None:
                 self.leases.check(token, conn=conn)
             yield conn
 
     def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        with self.leases.connection() as conn:
+        with self.leases.connection(autocommit=True) as conn:
             return conn.execute(sql.encode(), args).fetchall()
 
     # --- seen rows ------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ class PgStore:
     def _stream(self, sql: str, mailbox: str) -> Iterator[tuple[Any, ...]]:
         """Rows through a server-side cursor; holds one pooled connection until exhausted."""
         with (
-            self.leases.connection() as conn,
+            self.leases.connection(autocommit=True) as conn,
             conn.transaction(),
             conn.cursor(name="popsync_stream", binary=True) as cursor,
         ):
@@ -427,7 +427,7 @@ class PgStore:
         A PostgreSQL store starts at the mailbox-keyed schema, so there is normally nothing
         to adopt; the check is one indexed probe.
         """
-        probe = "SELECT 1 FROM {} WHERE mailbox LIKE 'label:%%' LIMIT 1"
+        probe = "SELECT 1 FROM {} WHERE mailbox >= 'label:' AND mailbox < 'label;' LIMIT 1"
         if not any(self._read(probe.format(t)) for t in ("seen", "runs")):
             return 0
         moved = 0
