@@ -1,4 +1,4 @@
-"""One APScheduler job per account; the only module that imports apscheduler.
+"""One APScheduler job per account, run by bounded pools; the only module that imports apscheduler.
 
 Every account is an interval job with jitter, ``max_instances=1`` (a run never overlaps
 itself) and coalescing (a daemon that was suspended runs once, not once per missed
@@ -6,28 +6,34 @@ interval). After each run the job's next time is moved by
 :func:`popsync.backoff.next_delay`, which honours the server's ``LOGIN-DELAY`` and backs
 off on failures.
 
-**A slow or stuck account never delays another.** A shared FIFO pool of ``max_workers``
-threads cannot promise that: two accounts whose servers drip one byte a second would
-hold both workers while every other account waits in the queue behind them. So:
+**Polls are spread.** At start-up and after a reload, the accounts added or changed do
+not all connect at once: each first runs at an offset fixed by a hash of its name within
+a window of :data:`START_SPACING` seconds per such account, at most its interval
+(:func:`start_offset`). One account starts at once, 200 within 20 s, 10,000 over a
+5-minute interval; the offset is also the phase of every later interval, so the steady
+state stays spread. SIGUSR1 (:meth:`AccountScheduler.poll_now`) asks for every account
+now: only the pool below limits that burst.
 
-* Every job has a thread of its own (at most one per account, by ``max_instances=1``);
-  no job ever queues behind another job's thread.
-* ``max_workers`` is enforced by :class:`_Slots`, handed out in arrival order, which a
-  run holds for at most its account's ``login_timeout``. By then a run has either
-  logged in or failed (the login phase has that budget, see :mod:`popsync.net`); how
-  long the rest takes depends on the mailbox and the link, and no other account
-  should wait for that. A run past its slot time goes on without the slot. So
-  ``max_workers`` bounds how many runs start together (the burst of connections and
-  logins at each tick), and a new run waits at most one ``login_timeout`` per run
-  queued ahead of it.
+**A slow or stuck account never delays another by more than its slot.** Due runs go to
+a :class:`_Pool` of run threads, first come first served, which has ``max_workers``
+*slots*. A run holds its slot for at most its account's ``login_timeout``: by then it has
+logged in or failed (the login phase has that budget, see :mod:`popsync.net`); how long
+the rest takes depends on the mailbox and the link, and no other account should wait
+for that. A run past its slot time goes on in its thread without the slot, and the pool
+starts the next queued run in another thread. So:
+
+* at most ``max_workers`` runs start together (the burst of TLS handshakes and logins),
+  and a queued run waits at most one ``login_timeout`` per slot-holder ahead of it;
+* threads are bounded by ``max_workers``, plus the runs past their slot time (each is
+  bounded on its own by the phase budgets and the minimum transfer rate of
+  :mod:`popsync.net`, so it ends), plus one thread that watches the queue; idle threads
+  end after :data:`IDLE_THREAD_EXIT` seconds. Ten thousand accounts need no more threads
+  than ten: a network-bound poll of a few hundred milliseconds frees its thread for the
+  next one.
 * An account whose previous run failed (timeouts, refused connections, wrong
-  password...) does not queue for a slot at all: it cannot delay healthy accounts
-  again, however it behaves this time.
-* Every run is bounded on its own by the phase budgets and the minimum transfer rate
-  (:mod:`popsync.net`), so even an unslotted run ends.
-
-Threads are thus bounded by the number of accounts, which is the natural bound anyway
-since an account never runs twice at once.
+  password...) queues in a second pool of the same size, so however it behaves this
+  time it cannot delay a healthy account; failing accounts delay each other by at most
+  one slot each, as above.
 
 A separate one-thread executor runs a heartbeat job, which proves the scheduler's own
 thread is alive. Runs also report signs of life (:meth:`AccountScheduler.note_activity`:
@@ -40,6 +46,8 @@ at all gets restarted.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import threading
 import time
 from collections import deque
@@ -50,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
+from apscheduler.executors.base import BaseExecutor, run_job
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -60,10 +69,19 @@ from popsync.errors import ExitCode
 from popsync.logconfig import HEARTBEAT_JOB
 
 if TYPE_CHECKING:
+    from apscheduler.job import Job
+
     from popsync.config import Account
     from popsync.sync import RunResult
 
-__all__ = ["HEARTBEAT_EVERY", "RUN_THREADS", "AccountScheduler", "stall_limit"]
+__all__ = [
+    "HEARTBEAT_EVERY",
+    "IDLE_THREAD_EXIT",
+    "START_SPACING",
+    "AccountScheduler",
+    "stall_limit",
+    "start_offset",
+]
 
 #: How often the heartbeat job beats (seconds).
 HEARTBEAT_EVERY = 5.0
@@ -73,12 +91,26 @@ _JITTER_SHARE = 0.1
 _MAX_JITTER = 60.0
 #: A poll skipped in the instant a run was ending is tried again this much later (seconds).
 _RETRY_SKIPPED = 0.05
-#: Threads for jobs: one per account at most; created only as jobs need them.
-RUN_THREADS = 1024
+#: A run thread with nothing to do ends after this many seconds.
+IDLE_THREAD_EXIT = 30.0
+#: Start-up spread: this many seconds of window per account started (at most the interval).
+START_SPACING = 0.1
 
 
 def _jitter(interval: float) -> int:
     return int(min(interval * _JITTER_SHARE, _MAX_JITTER))
+
+
+def start_offset(name: str, interval: float, starting: int) -> float:
+    """Seconds after start-up (or a reload) at which account ``name`` first runs.
+
+    A fixed point, from a hash of the name, of a window of :data:`START_SPACING` seconds
+    per account among the ``starting`` ones, and never longer than ``interval``: the same
+    accounts always get the same offsets, and they are spread evenly.
+    """
+    window = min(interval, starting * START_SPACING)
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return window * int.from_bytes(digest, "big") / 2**64
 
 
 def stall_limit(account: Account) -> float:
@@ -91,46 +123,137 @@ def stall_limit(account: Account) -> float:
     return 2 * max(account.timeout, account.login_timeout, account.low_speed_time)
 
 
-class _Slots:
-    """``size`` run slots, granted in arrival order; a slot counts only until it expires."""
+class _Pool:
+    """Run threads with ``size`` slots, granted in arrival order; see the module docstring.
 
-    def __init__(self, size: int) -> None:
+    A task holds its slot until it ends or its ``hold`` seconds lapse, whichever is first;
+    then the next queued task starts (in an idle thread, or a new one).
+    """
+
+    def __init__(self, name: str, size: int) -> None:
+        self._name = name
         self._size = size
         self._cond = threading.Condition()
-        self._expiry: dict[str, float] = {}  # holder -> monotonic time its slot lapses
-        self._queue: deque[str] = deque()
+        self._queue: deque[tuple[Callable[[], None], float]] = deque()
+        self._slots: dict[int, float] = {}  # ticket -> monotonic time its slot lapses
+        self._tickets = itertools.count()
+        self._threads = 0
+        self._idle = 0  # threads waiting in _take
+        self._starting = 0  # threads spawned that have not reached _take yet
+        self._busy = 0
         self._closed = False
 
-    def acquire(self, name: str, hold: float) -> bool:
-        """Wait for a slot held for at most ``hold`` seconds; False once closed."""
-        with self._cond:
-            self._queue.append(name)
-            try:
-                while not self._closed:
-                    now = time.monotonic()
-                    busy = sorted(t for t in self._expiry.values() if t > now)
-                    if len(busy) < self._size and self._queue[0] == name:
-                        self._expiry[name] = now + hold
-                        return True
-                    # Full: wake when the oldest slot lapses (or on a release); else wait
-                    # for the runs queued ahead to take theirs.
-                    full = len(busy) >= self._size
-                    self._cond.wait(busy[0] - now if full else None)
-                return False
-            finally:
-                self._queue.remove(name)
-                self._cond.notify_all()
+    @property
+    def threads(self) -> int:
+        """Threads alive now (running, idle or watching the queue)."""
+        return self._threads
 
-    def release(self, name: str) -> None:
+    def submit(self, task: Callable[[], None], hold: float) -> None:
+        """Queue ``task``; it starts once a slot is free (at once, if one is)."""
         with self._cond:
-            self._expiry.pop(name, None)
-            self._cond.notify_all()
+            if self._closed:
+                return
+            self._queue.append((task, hold))
+            if self._idle:
+                self._cond.notify()
+            elif not self._starting:
+                self._spawn()
 
     def close(self) -> None:
-        """Wake every waiter and refuse new slots (shutdown)."""
+        """Drop queued tasks and refuse new ones; running tasks go on (shutdown)."""
         with self._cond:
             self._closed = True
+            self._queue.clear()
             self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no task runs; True when none does."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy == 0, timeout)
+
+    def _spawn(self) -> None:
+        self._threads += 1
+        self._starting += 1
+        name = f"popsync-{self._name}-{next(self._tickets)}"
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _take(self) -> tuple[Callable[[], None], int] | None:
+        """The next task and its slot ticket, waiting as needed; None: end this thread."""
+        while not self._closed:
+            now = time.monotonic()
+            for ticket in [t for t, lapse in self._slots.items() if lapse <= now]:
+                del self._slots[ticket]  # past its slot time: the run goes on without it
+            if self._queue and len(self._slots) < self._size:
+                task, hold = self._queue.popleft()
+                ticket = next(self._tickets)
+                self._slots[ticket] = now + hold
+                if self._queue and not self._idle and not self._starting:
+                    self._spawn()  # someone must watch the queue for the next free slot
+                return task, ticket
+            # Full: wake at the first lapse (or a release); idle: retire after a while.
+            wait = min(self._slots.values()) - now if self._queue else IDLE_THREAD_EXIT
+            self._idle += 1
+            try:
+                woken = self._cond.wait(wait)
+            finally:
+                self._idle -= 1
+            if not woken and not self._queue:
+                return None
+        return None
+
+    def _work(self) -> None:
+        with self._cond:
+            self._starting -= 1
+            try:
+                while (taken := self._take()) is not None:
+                    task, ticket = taken
+                    self._busy += 1
+                    self._cond.release()
+                    try:
+                        task()
+                    finally:
+                        self._cond.acquire()
+                        self._busy -= 1
+                        self._slots.pop(ticket, None)
+                        # This thread takes the next queued task itself: no one to wake,
+                        # except shutdown waiting for the last run.
+                        if not self._busy:
+                            self._cond.notify_all()
+            finally:
+                self._threads -= 1
+
+
+class _PoolExecutor(BaseExecutor):  # type: ignore[misc]
+    """An APScheduler executor that hands each run to the pool ``route(job)`` picks.
+
+    The job counts as running (``max_instances``) from submission until it ends, so
+    a queued run is never queued twice.
+    """
+
+    def __init__(self, route: Callable[[Job], tuple[_Pool, float]], pools: list[_Pool]) -> None:
+        super().__init__()
+        self._route = route
+        self._pools = pools
+
+    def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        pool, hold = self._route(job)
+
+        def task() -> None:
+            try:
+                events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
+            except BaseException as exc:  # run_job catches the job's own errors
+                self._run_job_error(job.id, exc, exc.__traceback__)
+            else:
+                self._run_job_success(job.id, events)
+
+        pool.submit(task, hold)
+
+    def shutdown(self, wait: bool = True) -> None:
+        for pool in self._pools:
+            pool.close()
+        if wait:
+            for pool in self._pools:
+                pool.wait_idle()
 
 
 @dataclass
@@ -177,11 +300,12 @@ class AccountScheduler:
         self._stopping = False
         self._beat = time.monotonic()
         self._log = structlog.get_logger("popsync.scheduler")
-        self._slots = _Slots(max_workers)
+        self._healthy = _Pool("run", max_workers)
+        self._failing = _Pool("retry", max_workers)
         self._runs: dict[str, _Run] = {}
         self._scheduler = BackgroundScheduler(
             executors={
-                "default": ThreadPoolExecutor(RUN_THREADS),
+                "default": _PoolExecutor(self._route, [self._healthy, self._failing]),
                 "heartbeat": ThreadPoolExecutor(1),
             },
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -211,7 +335,6 @@ class AccountScheduler:
 
         with self._move_lock:
             self._stopping = True
-        self._slots.close()
         if self._scheduler.running:
             self._scheduler.pause()
             threading.Thread(target=wait, name="popsync-shutdown", daemon=True).start()
@@ -268,23 +391,29 @@ class AccountScheduler:
             # A changed account (say, a fixed password) starts without its old backoff.
             self._failures.pop(name, None)
         now = datetime.now(UTC)
-        for name in added + changed:
+        starting = added + changed
+        for name in starting:
             account = accounts[name]
+            # Spread first runs (see the module docstring); the offset is the job's phase.
+            first = now + timedelta(seconds=start_offset(name, account.interval, len(starting)))
             self._scheduler.add_job(
                 self._job,
                 IntervalTrigger(
-                    seconds=account.interval, jitter=_jitter(account.interval), timezone=UTC
+                    seconds=account.interval,
+                    jitter=_jitter(account.interval),
+                    start_date=first,
+                    timezone=UTC,
                 ),
                 args=(name,),
                 id=name,
                 name=f"sync {name}",
                 replace_existing=True,
-                next_run_time=now,
+                next_run_time=first,
             )
         return added, removed, changed
 
     def poll_now(self) -> None:
-        """Run every account as soon as a worker is free (SIGUSR1).
+        """Run every account as soon as a slot is free (SIGUSR1).
 
         An account that is running right now runs again as soon as it finishes, so mail
         that arrived after its listing is not left waiting for a whole interval.
@@ -314,16 +443,30 @@ class AccountScheduler:
         return None if job is None else job.next_run_time
 
     # -------------------------------------------------------------------------- job
+    def account(self, name: str) -> Account | None:
+        """One scheduled account (cheap: :attr:`accounts` copies them all)."""
+        with self._lock:
+            return self._accounts.get(name)
+
+    def _route(self, job: Job) -> tuple[_Pool, float]:
+        """The pool for a due run (see the module docstring) and how long it may keep a slot."""
+        name = job.args[0]
+        account = self.account(name)
+        hold = account.login_timeout if account is not None else 0.0
+        return (self._failing if self._failures.get(name) else self._healthy), hold
+
     def _job(self, name: str) -> None:
-        account = self.accounts.get(name)
+        account = self.account(name)
         if account is None:  # removed by a reload while queued
             return
         with self._lock:
             self._running.add(name)
             self._polled.discard(name)  # this run serves any earlier poll
         try:
-            self._run_in_slot(name, account)
+            self._runs[name] = _Run(time.monotonic(), stall_limit(account))
+            self._run_and_reschedule(name, account)
         finally:
+            self._runs.pop(name, None)
             with self._lock:
                 self._running.discard(name)
                 repoll = name in self._repoll
@@ -333,23 +476,10 @@ class AccountScheduler:
             if repoll:
                 self._move(name, datetime.now(UTC))
 
-    def _run_in_slot(self, name: str, account: Account) -> None:
-        """Take a slot (unless the last run failed), run, give the slot back."""
-        slotted = not self._failures.get(name)
-        if slotted and not self._slots.acquire(name, account.login_timeout):
-            return  # shutting down
-        self._runs[name] = _Run(time.monotonic(), stall_limit(account))
-        try:
-            self._run_and_reschedule(name, account)
-        finally:
-            self._runs.pop(name, None)
-            if slotted:
-                self._slots.release(name)
-
     def _run_and_reschedule(self, name: str, account: Account) -> None:
         """One run, then the next run time by the backoff rules, then the result callback."""
         result = self._run_safely(account)
-        if name not in self.accounts:  # removed by a reload while running
+        if self.account(name) is None:  # removed by a reload while running
             return
         failures = 0 if result.outcome == "ok" else self._failures.get(name, 0) + 1
         self._failures[name] = failures
