@@ -211,13 +211,14 @@ class Daemon:
         self._results[result.account] = result
         if self.metrics is not None:
             self.metrics.observe(result, time.time())
-        self._wake_up()  # refresh the STATUS= line soon
+        # The STATUS= line is refreshed by the next tick (within a second): waking the main
+        # loop after every run would rebuild it once per run, O(accounts) each time.
 
     def _delayed(self, result: RunResult, delay: float) -> None:
         """The scheduler chose the next run of ``result.account``: publish any backoff."""
         if self.metrics is None:
             return
-        account = self.scheduler.accounts.get(result.account)
+        account = self.scheduler.account(result.account)
         if account is None or delay == account.interval:
             self.metrics.backoff(result.account, 0.0, "none")
         else:
