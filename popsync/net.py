@@ -12,7 +12,16 @@ socket exception:
 
 Trust is built by :func:`client_context`: the system CAs, only the given CA bundles, both
 (``"system"`` among them), or certificate pinning (``tls_fingerprint``), where the leaf
-certificate's SHA-256 must match and its chain and names do not matter. The probes at the
+certificate's SHA-256 must match and its chain and names do not matter.
+
+TLS is cheap on the second connection: :func:`shared_client_context` keeps one context per
+set of TLS settings (and per content of the CA files: a replaced bundle gets a new one), so a
+daemon does not parse the system's CA store on every run; and every TLS stream offers the last
+session of its (context, host, port, name) for resumption, saved when a stream closes. A
+resumed handshake skips the certificate chain, its verification and the server's signature
+(both sides save most of the handshake's CPU). The session proves the peer once verified
+under the same context, so trust is unchanged; a server that declines simply does a full
+handshake. The probes at the
 end (:func:`probe_greeting`, :func:`probe_tls`) open a second, short connection to tell a
 misconfiguration (implicit TLS on a plain port, or the reverse) from a network problem.
 
@@ -44,6 +53,7 @@ import ssl
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +87,7 @@ __all__ = [
     "open_socket",
     "probe_greeting",
     "probe_tls",
+    "shared_client_context",
     "unverified_context",
 ]
 
@@ -275,6 +286,78 @@ def client_context(
     return _tls12(context)
 
 
+_ContextKey = tuple[tuple[tuple[str, int, int], ...] | None, bool, tuple[str, ...]]
+_contexts: dict[_ContextKey, ssl.SSLContext] = {}
+_contexts_lock = threading.Lock()
+#: At most this many shared contexts are kept (a daemon has a handful of distinct settings).
+_MAX_CONTEXTS = 256
+
+
+def _file_signature(entry: Path | str) -> tuple[str, int, int]:
+    """A CA file's name, modification time and size (a replaced file differs)."""
+    if str(entry) == SYSTEM_CAS:
+        return (SYSTEM_CAS, 0, 0)
+    try:
+        st = os.stat(entry)
+    except OSError:
+        return (str(entry), -1, -1)  # client_context names the problem
+    return (str(entry), st.st_mtime_ns, st.st_size)
+
+
+def shared_client_context(
+    ca_files: Sequence[Path | str] | None = None,
+    *,
+    verify: bool = True,
+    fingerprints: Sequence[str] = (),
+) -> ssl.SSLContext:
+    """:func:`client_context`, built once per set of settings and reused (see the module doc).
+
+    Reusing the context is also what lets a later connection resume an earlier TLS session.
+    """
+    files = None if ca_files is None else tuple(_file_signature(f) for f in ca_files)
+    key: _ContextKey = (files, verify, tuple(fingerprints))
+    with _contexts_lock:
+        context = _contexts.get(key)
+    if context is None:
+        context = client_context(ca_files, verify=verify, fingerprints=fingerprints)
+        with _contexts_lock:
+            if len(_contexts) >= _MAX_CONTEXTS:
+                _contexts.clear()
+            context = _contexts.setdefault(key, context)
+    return context
+
+
+_SessionKey = tuple[str, int, str | None]
+_Saved = tuple[ssl.SSLSession, float]  # the session, and when it was saved (monotonic)
+_sessions: weakref.WeakKeyDictionary[ssl.SSLContext, dict[_SessionKey, _Saved]] = (
+    weakref.WeakKeyDictionary()
+)
+_sessions_lock = threading.Lock()
+#: A resumed session is saved again (with the server's fresh ticket) after this many seconds.
+#: Reading a session from OpenSSL costs about as much as the resumption saves, so not on
+#: every connection; a ticket the server no longer takes just means one full handshake.
+SESSION_REFRESH = 60.0
+
+
+def _saved_session(context: ssl.SSLContext, key: _SessionKey) -> ssl.SSLSession | None:
+    with _sessions_lock:
+        saved = _sessions.get(context, {}).get(key)
+    return None if saved is None else saved[0]
+
+
+def _needs_saving(context: ssl.SSLContext, key: _SessionKey, resumed: bool) -> bool:
+    if not resumed:
+        return True
+    with _sessions_lock:
+        saved = _sessions.get(context, {}).get(key)
+    return saved is None or time.monotonic() - saved[1] > SESSION_REFRESH
+
+
+def _save_session(context: ssl.SSLContext, key: _SessionKey, session: ssl.SSLSession) -> None:
+    with _sessions_lock:
+        _sessions.setdefault(context, {})[key] = (session, time.monotonic())
+
+
 #: OpenSSL's reasons when client and server share no TLS version (the server's is too old).
 _OLD_TLS_REASONS = frozenset(
     {"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "WRONG_SSL_VERSION"}
@@ -354,6 +437,7 @@ class Stream:
         self._received = 0
         #: Called after every read that brought data (a sign of life for the daemon).
         self.on_activity: Callable[[], None] | None = None
+        self._resume: tuple[ssl.SSLContext, _SessionKey] | None = None
 
     @property
     def pace(self) -> Pace:
@@ -377,6 +461,11 @@ class Stream:
         return self._sock.version() if isinstance(self._sock, ssl.SSLSocket) else None
 
     @property
+    def session_reused(self) -> bool:
+        """True when the TLS handshake resumed an earlier session (see the module docstring)."""
+        return isinstance(self._sock, ssl.SSLSocket) and bool(self._sock.session_reused)
+
+    @property
     def cipher(self) -> str | None:
         """The negotiated cipher suite name, for logs; None on plain streams."""
         if not isinstance(self._sock, ssl.SSLSocket):
@@ -395,11 +484,15 @@ class Stream:
         The whole handshake is bounded by the timeout and the phase budget: the ssl
         module applies a socket timeout to the handshake as a whole, not per read.
         """
+        key = (self.host, self.port, server_hostname)
         with _mapped(self.where, "TLS handshake", self._timeout, self._pace):
             self._settimeout(_wait_limit(self._timeout, self._pace, self.where))
-            self._sock = context.wrap_socket(self._sock, server_hostname=server_hostname)
+            self._sock = context.wrap_socket(
+                self._sock, server_hostname=server_hostname, session=_saved_session(context, key)
+            )
         if isinstance(context, PinnedContext):
             self._check_pin(context.pins)
+        self._resume = (context, key)  # only a session that passed every check is kept
 
     def _check_pin(self, pins: frozenset[str]) -> None:
         der = self.peer_certificate()
@@ -502,10 +595,21 @@ class Stream:
             self._sock.sendall(data)
 
     def close(self) -> None:
-        """Close the socket; safe to call twice, never raises."""
+        """Close the socket; safe to call twice, never raises.
+
+        A TLS stream first saves its session (with the ticket the server sent after the
+        handshake) for the next connection to resume.
+        """
         if self._closed:
             return
         self._closed = True
+        sock = self._sock
+        if self._resume is not None and isinstance(sock, ssl.SSLSocket):
+            with contextlib.suppress(OSError, ValueError):
+                if _needs_saving(*self._resume, bool(sock.session_reused)):
+                    session = sock.session
+                    if session is not None:
+                        _save_session(*self._resume, session)
         with contextlib.suppress(OSError):
             self._sock.close()
 

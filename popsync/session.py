@@ -60,7 +60,7 @@ def tls_context(account: Account) -> net.SSLContext | None:
     if account.tls == "none":
         return None
     try:
-        return net.client_context(
+        return net.shared_client_context(
             account.tls_ca_file,
             verify=account.tls_verify,
             fingerprints=account.tls_fingerprint,
@@ -212,6 +212,8 @@ def _starttls(
 
 
 def _describe_tls(client: Pop3Client, say: Report) -> None:
+    if say is _quiet:
+        return  # decoding the certificate costs a temporary file: only when someone reads it
     der = client.peer_certificate()
     if der is None:
         return
