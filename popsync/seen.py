@@ -4,12 +4,18 @@ One file, ``state_dir/popsync.sqlite3``, mode 0600 in a 0700 directory. WAL jour
 ``synchronous=FULL`` so a committed transaction survives power loss; every mutating method is
 ONE ``BEGIN IMMEDIATE`` transaction over a whole batch (group commit, see `popsync.maildir`).
 
-Threads: the daemon runs account jobs in a thread pool. A `SeenStore` holds ONE connection
-(``check_same_thread=False``) guarded by an internal `threading.RLock` held for each whole
-transaction. SQLite admits one writer at a time anyway and our transactions are short batches,
-so per-thread connections would buy no write concurrency; they would add SQLITE_BUSY waits
-between our own threads and connections leaking with pool threads. Other processes
-(``popsync status``, a manual ``--once``) share the file through WAL and ``busy_timeout``.
+Threads: the daemon runs account jobs in a thread pool. A `SeenStore` holds ONE write
+connection (``check_same_thread=False``) guarded by an internal `threading.RLock` held for each
+whole transaction. SQLite admits one writer at a time anyway and our transactions are short
+batches, so per-thread write connections would buy no write concurrency; they would add
+SQLITE_BUSY waits between our own threads. Reads do not take that lock: they borrow a read-only
+connection from a small pool (one per concurrent reader, kept until `SeenStore.close`), so a
+listing never waits for another run's commit and its fsync; WAL gives each read a committed
+snapshot. Run records (`SeenStore.record_run`) commit with ``synchronous=NORMAL``: no fsync of
+their own (the next durable commit syncs them along), because losing the last runs' summary on
+power loss costs nothing, while one fsync per run was the daemon's limit at thousands of
+accounts. Other processes (``popsync status``, a manual ``--once``) share the file through WAL
+and ``busy_timeout``.
 
 Rows are keyed by *mailbox* (`popsync.config.Account.mailbox`: ``username@host``), not by the
 account's label in the config: renaming an account changes nothing here, and two configs naming
@@ -285,6 +291,9 @@ class SeenStore:
         self.lock_dir = path.parent / "locks"
         self._conn = conn
         self._lock = threading.RLock()
+        self._readers: list[sqlite3.Connection] = []  # idle read connections
+        self._all_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: Path) -> SeenStore:
@@ -362,12 +371,18 @@ class SeenStore:
             return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
 
     @contextmanager
-    def _tx(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction, serialized across our threads, mapped errors."""
+    def _tx(self, action: str, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, serialized across our threads, mapped errors.
+
+        ``durable=False`` commits without an fsync of its own (see the module docstring).
+        """
         with self._lock:
             try:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous = NORMAL")
                 self._conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
+                self._durable_again(durable)
                 _raise_sqlite(exc, action)
             try:
                 yield self._conn
@@ -378,16 +393,45 @@ class SeenStore:
                 if isinstance(exc, sqlite3.Error):
                     _raise_sqlite(exc, action)
                 raise
+            finally:
+                self._durable_again(durable)
+
+    def _durable_again(self, durable: bool) -> None:
+        if not durable:
+            self._conn.execute("PRAGMA synchronous = FULL")
+
+    @contextmanager
+    def _reader(self, action: str) -> Iterator[sqlite3.Connection]:
+        """Borrow a read-only connection (opened on first need); errors mapped."""
+        with self._readers_lock:
+            conn = self._readers.pop() if self._readers else None
+        try:
+            if conn is None:
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=_BUSY_TIMEOUT_MS / 1000,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                conn.execute("PRAGMA query_only = 1")
+                with self._readers_lock:
+                    self._all_readers.append(conn)
+            yield conn
+        except sqlite3.Error as exc:
+            _raise_sqlite(exc, action)
+        finally:
+            if conn is not None:
+                if conn.in_transaction:  # a stream abandoned half-way
+                    conn.execute("ROLLBACK")
+                with self._readers_lock:
+                    self._readers.append(conn)
 
     def _query(
         self, action: str, sql: str, args: Sequence[object] = ()
     ) -> list[tuple[object, ...]]:
         """A read in autocommit mode (a single statement is its own snapshot)."""
-        with self._lock:
-            try:
-                return cast("list[_Row]", self._conn.execute(sql, args).fetchall())
-            except sqlite3.Error as exc:
-                _raise_sqlite(exc, action)
+        with self._reader(action) as conn:
+            return cast("list[_Row]", conn.execute(sql, args).fetchall())
 
     # --- seen rows ----------------------------------------------------------------------------
 
@@ -422,13 +466,13 @@ class SeenStore:
         return self._stream(_SELECT_OTHERS, mailbox)
 
     def _stream(self, sql: str, mailbox: str, batch: int = 4096) -> Iterator[Any]:
-        with self._lock:
+        with self._reader("read entries") as conn:
+            cursor = conn.execute(sql, (mailbox,))
             try:
-                cursor = self._conn.execute(sql, (mailbox,))
                 while rows := cursor.fetchmany(batch):
                     yield from rows
-            except sqlite3.Error as exc:
-                _raise_sqlite(exc, "read entries")
+            finally:
+                cursor.close()
 
     def pending(self, mailbox: str) -> dict[bytes, SeenEntry]:
         """The pending rows of one mailbox (what recovery looks at), keyed by UIDL."""
@@ -586,7 +630,7 @@ class SeenStore:
 
     def record_run(self, mailbox: str, record: RunRecord) -> RunRecord:
         """Store the mailbox's latest run; returns it with consecutive_failures updated."""
-        with self._tx("record a run") as conn:
+        with self._tx("record a run", durable=False) as conn:
             row = conn.execute(
                 "SELECT consecutive_failures FROM runs WHERE mailbox = ?", (mailbox,)
             ).fetchone()
@@ -681,7 +725,11 @@ class SeenStore:
             os.close(fd)  # closing releases the flock
 
     def close(self) -> None:
-        """Close the connection (checkpointing the WAL)."""
+        """Close the connections (the last one checkpoints the WAL)."""
+        with self._readers_lock:
+            readers, self._all_readers, self._readers = self._all_readers, [], []
+        for conn in readers:
+            conn.close()
         with self._lock:
             self._conn.close()
 
