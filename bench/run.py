@@ -1,5 +1,8 @@
 """Run the benchmark: ``python -m bench.run [--scenarios a,b,c,lat,scale,scale-uidl] [--runs N]``.
 
+``--scenarios scale-10k [--accounts 1000,2000,5000,10000]`` is the many-accounts scenario
+(bench/scale10k.py); it is not in the default set.
+
 One private Dovecot serves one generated mailbox per scenario; every tool fetches it in turn
 (tools interleaved A B C D, A B C D, ...), its state and Maildir wiped before each first-fetch run,
 and every run is verified (bench/verify.py). Results: a Markdown report printed and written to
@@ -46,6 +49,7 @@ TITLES = {
     "lat": "lat: 500 x 4 KiB through a 25 ms-each-way proxy (RTT ~50 ms), first fetch",
     "scale": "scale: 200 accounts on one popsync daemon, one full cycle",
     "fleet": "fleet: 2,000 accounts, 4 popsync workers on one PostgreSQL vs 1 daemon on SQLite",
+    "scale-10k": "scale-10k: N accounts, implicit TLS at RTT 50 ms, one daemon, SIGUSR1 cycles",
     "scale-uidl-100k": "scale-uidl: 100,000 UIDLs listed, all but 10 seen (synthetic server)",
     "scale-uidl-1m": "scale-uidl: 1,000,000 UIDLs listed, all but 10 seen (synthetic server)",
 }
@@ -72,6 +76,7 @@ class Options:
     daemon_polls: int = 3
     command: str = ""
     write_results: bool = False
+    accounts: tuple[int, ...] = (10_000,)
 
 
 @dataclass
@@ -396,6 +401,29 @@ def _scale(bench: Bench) -> ScenarioResult:
     return result
 
 
+def _scale_10k(bench: Bench) -> ScenarioResult:
+    """Scenario scale-10k (bench/scale10k.py) for each ``--accounts`` count."""
+    from bench import scale10k
+
+    opts = bench.opts
+    result = ScenarioResult("scale-10k")
+    figures = []
+    for n in opts.accounts:
+        root = bench.storage.path / f"scale10k-{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        root.chmod(0o711)
+        f = scale10k.run_scale10k(root / "dovecot", root / "popsync", bench.owner, bench.py,
+                                  accounts=n, cycles=max(1, opts.runs - 1))  # fmt: skip
+        figures.append(f)
+        for c in f.cycles:
+            row = result.row(f"popsync, {n:,} accounts: {c.label}", c.runs, 0)
+            row.add(scale10k.as_measurement(c), _failed(c.failures) or "-", not c.failures)
+        shutil.rmtree(root, ignore_errors=True)
+    result.notes.append("per-cycle figures:\n\n" + scale10k.render(figures, opts.command))
+    return result
+
+
 def _prime(run: peers.ToolRun, srv: peers.Server, seen: int, template: Path) -> None:
     """Give the tool a state in which messages 1..seen are already delivered."""
     if run.tool == "popsync":
@@ -520,6 +548,7 @@ def run_bench(opts: Options) -> Report:
                 "scale": lambda: _scale(bench),
                 "scale-uidl": lambda: _scale_uidl(bench),
                 "fleet": lambda: fleet.run_fleet(bench),
+                "scale-10k": lambda: _scale_10k(bench),
             }
             for name in opts.scenarios:
                 got = scenario[name]()
@@ -675,10 +704,11 @@ def _parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--finished-event", default="sync finished", help="daemon log event")
     p.add_argument("--account-key", default="account", help="daemon log field naming the account")
     p.add_argument("--write-results", action="store_true", help="also write bench/RESULTS.md")
+    p.add_argument("--accounts", default="10000", help="scale-10k: comma-separated counts")
     args = p.parse_args(argv)
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
     tools = tuple(t for t in args.tools.split(",") if t)
-    bad = [s for s in scenarios if s not in (*mailgen.SCENARIOS, *MULTI)]
+    bad = [s for s in scenarios if s not in (*mailgen.SCENARIOS, *MULTI, "scale-10k")]
     bad += [t for t in tools if t not in peers.TOOLS]
     if bad:
         p.error(f"unknown scenario/tool: {', '.join(bad)}")
@@ -688,6 +718,7 @@ def _parse(argv: Sequence[str] | None) -> Options:
         scenarios=scenarios, tools=tools, runs=runs, quick=args.quick, out=args.out,
         storage=args.storage, install=not args.no_install, finished_event=args.finished_event,
         account_key=args.account_key, command=cmd.strip(), write_results=args.write_results,
+        accounts=tuple(int(a) for a in args.accounts.split(",") if a),
     )  # fmt: skip
 
 
