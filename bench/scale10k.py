@@ -48,16 +48,16 @@ mail_max_userip_connections = 100000
 default_client_limit = 4000
 default_vsz_limit = 512M
 ssl_min_protocol = TLSv1.2
-service auth {
+service auth {{
   client_limit = 4000
-}
-service pop3 {
+}}
+service pop3 {{
   # Reuse pop3 processes (every user maps to one uid here): no fork+exec per session.
   service_count = 0
   client_limit = 1
   process_limit = 512
-  process_min_avail = 16
-}
+  process_min_avail = {pop3_spare}
+}}
 """
 _LOGIN = """\
 service pop3-login {
@@ -69,7 +69,7 @@ service pop3-login {
 """
 
 
-def make_dovecot(root: Path, passwd: Path) -> Dovecot:
+def make_dovecot(root: Path, passwd: Path, accounts: int = 10_000) -> Dovecot:
     """A Dovecot with a passwd-file user database and the tuning above."""
     from devtools.dovecot import Dovecot
 
@@ -86,7 +86,9 @@ def make_dovecot(root: Path, passwd: Path) -> Dovecot:
             text = text.replace("service pop3-login {\n  chroot =\n", _LOGIN, 1)
             return text.replace("  # One long-lived login process", "  # (tuned)", 1)
 
-    return ScaleDovecot(root, extra_config="pop3_no_flag_updates = yes\n" + _TUNING)
+    spare = min(16, max(1, accounts // 100))  # idle pop3 processes kept ready
+    tuning = _TUNING.format(pop3_spare=spare)
+    return ScaleDovecot(root, extra_config="pop3_no_flag_updates = yes\n" + tuning)
 
 
 def _message(k: int, i: int) -> bytes:
@@ -423,7 +425,7 @@ def run_scale10k(
     from bench.verify import verify_maildir
 
     figures = ScaleFigures(accounts)
-    dv = make_dovecot(dv_root, dv_root / "users.passwd")
+    dv = make_dovecot(dv_root, dv_root / "users.passwd", accounts)
     dv._prepare_root()
     t0 = time.perf_counter()
     _, names = populate(dv, accounts)
@@ -472,7 +474,7 @@ def run_scale10k(
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         for i in range(cycles):
-            time.sleep(1.0)
+            time.sleep(0.5)
             figures.cycles.append(watch.cycle(f"nothing new {i + 1}", everyone, limit))
         figures.mpop_cpu_ms, figures.mpop_wall_ms = _mpop_polls(
             owner, base / "mpop", proxy.port, dv.ca_file, names, mpop_polls
