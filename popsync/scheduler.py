@@ -27,9 +27,9 @@ starts the next queued run in another thread. So:
 * threads are bounded by ``max_workers``, plus the runs past their slot time (each is
   bounded on its own by the phase budgets and the minimum transfer rate of
   :mod:`popsync.net`, so it ends), plus one thread that watches the queue; idle threads
-  end after :data:`IDLE_THREAD_EXIT` seconds. Ten thousand accounts need no more threads
-  than ten: a network-bound poll of a few hundred milliseconds frees its thread for the
-  next one.
+  end after :data:`IDLE_THREAD_EXIT` seconds. The number of accounts does not matter: a
+  network-bound poll of a few hundred milliseconds frees its thread for the next one, so
+  10,000 accounts at a 5-minute interval keep about a dozen runs going.
 * An account whose previous run failed (timeouts, refused connections, wrong
   password...) queues in a second pool of the same size, so however it behaves this
   time it cannot delay a healthy account; failing accounts delay each other by at most
