@@ -218,7 +218,7 @@ class Daemon:
         """The scheduler chose the next run of ``result.account``: publish any backoff."""
         if self.metrics is None:
             return
-        account = self.scheduler.account(result.account)
+        account = self.config.accounts.get(result.account)  # one lookup, not a copy of all
         if account is None or delay == account.interval:
             self.metrics.backoff(result.account, 0.0, "none")
         else:
