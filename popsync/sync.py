@@ -39,6 +39,7 @@ and a failed run removes its own before it returns. ``tests/crashwrap.py`` kills
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import threading
@@ -259,8 +260,14 @@ def _commit_outcomes(
     target: Target,
     done: list[tuple[Spooled, DeliveryOutcome]],
     now: float,
-) -> None:
-    """Record delivered and rejected messages, then let the target drop their spool files."""
+    *,
+    release: bool = True,
+) -> list[str]:
+    """Record delivered and rejected messages, then let the target drop their spool files.
+
+    Returns the names of the finished spool files; with ``release=False`` the caller drops
+    them (a leftover is only debris: its row is committed, so nothing hands it over again).
+    """
     delivered = [(i.uidl, o.name) for i, o in done if isinstance(o, Delivered)]
     rejected = [(i.uidl, o.reason) for i, o in done if isinstance(o, Rejected)]
     if delivered:
@@ -268,8 +275,9 @@ def _commit_outcomes(
     if rejected:
         store.mark_rejected(account, rejected, now)
     finished = [i.name for i, o in done if isinstance(o, Delivered | Rejected)]
-    if finished:
+    if finished and release:
         target.release(finished)
+    return finished
 
 
 # ------------------------------------------------------------------------------ debris
@@ -323,7 +331,15 @@ def clean_debris(maildir: Maildir, keep: set[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- batches
 class _Batcher:
-    """Collects finished tmp messages and commits them in groups (steps 2-4)."""
+    """Collects finished tmp messages and commits them in groups (steps 2-4).
+
+    With a target whose hand-over is slow (``target.overlap``: LMTP, an MDA, mbox), batch N
+    is handed over in a background thread while batch N+1 streams in. Every seen-store
+    write stays on the calling thread, and batch N's outcomes are committed (as soon as its
+    thread is done, checked after every message; at the latest before batch N+1 is recorded
+    pending) before batch N+1 is handed over: at most one batch is ever accepted by the
+    agent and not yet committed, so the duplicate window stays one batch.
+    """
 
     def __init__(
         self,
@@ -347,6 +363,13 @@ class _Batcher:
         self._flushes: list[Future[None]] = []
         self._failed = False
         self._bytes = 0
+        self._overlap = target.overlap
+        # The batch being handed over in the background, and the thread doing it.
+        self._handing: tuple[list[Spooled], Future[list[DeliveryOutcome]]] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        # Set once the target deferred or failed: later batches are only recorded pending.
+        self._stalled = False
+        self._releases: list[Future[None]] = []
 
     def add(self, uidl: bytes, tmp: TmpMessage, wire_size: int) -> None:
         # Step 1 runs in the background: write out, fsync and close the file while the
@@ -359,7 +382,9 @@ class _Batcher:
         self._bytes += tmp.size
         # A failed flush (disk full) ends the batch early, so the run stops downloading.
         if self._failed or len(self._items) >= BATCH_MESSAGES or self._bytes >= BATCH_BYTES:
-            self.commit()
+            self.commit(background=self._overlap)
+        else:
+            self.settle(wait=False)
 
     def _note_failure(self, flush: Future[None]) -> None:
         # Runs in the flush thread; a bool store is atomic and only ever set to True here.
@@ -389,33 +414,71 @@ class _Batcher:
                 durable.append(item)
         return durable, failure
 
-    def commit(self) -> None:
-        if not self._items:
-            return
+    def commit(self, *, background: bool = False) -> None:
+        """Record and hand over what was collected; unless ``background``, finish everything."""
         items, self._items, self._bytes = self._items, [], 0
         items, failure = self._wait_for_flushes(items)
-        if items:
-            self._record(items)
-        if failure is not None:
-            raise failure
-
-    def _record(self, items: list[tuple[bytes, TmpMessage]]) -> None:
-        """Steps 2-4 for durable spool files: pending, hand over, outcome committed."""
         try:
-            self._store.add_pending(self._mailbox, [(u, t.name, t.size) for u, t in items])
+            self.settle()  # the previous batch's outcomes first: one batch in the window
         except BaseException:
-            # Recorded nowhere, so nothing would ever deliver or remove them: no debris.
+            # Recorded nowhere yet, so nothing would deliver or remove them: no debris.
             for _, tmp in items:
                 tmp.discard()
             raise
-        spooled = [Spooled(u, t.name, t.size, t.vsize) for u, t in items]
+        if items:
+            spooled = self._record_pending(items)
+            if not self._stalled:
+                self._hand_over(spooled, background=background)
+        if failure is not None:
+            raise failure
+
+    def _record_pending(self, items: list[tuple[bytes, TmpMessage]]) -> list[Spooled]:
+        """Step 2 for durable spool files."""
+        try:
+            self._store.add_pending(self._mailbox, [(u, t.name, t.size) for u, t in items])
+        except BaseException:
+            for _, tmp in items:
+                tmp.discard()
+            raise
+        return [Spooled(u, t.name, t.size, t.vsize) for u, t in items]
+
+    def _hand_over(self, spooled: list[Spooled], *, background: bool) -> None:
+        """Step 3: the one place a recorded batch goes to the target."""
         if self._fence is not None:
             # Fleet mode: the lease must still be held right before the hand-over; if it is
             # gone the batch stays pending for the new owner (LeaseLost ends the run, 75).
             self._fence()
-        outcomes = self._target.hand_over(spooled)
+        if not background:
+            self._finish(spooled, self._target.hand_over(spooled))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="popsync-handover")
+        # The run's context travels along: its secrets are scrubbed from the agent's replies.
+        run = contextvars.copy_context().run
+        self._handing = (spooled, self._pool.submit(run, self._target.hand_over, spooled))
+
+    def settle(self, *, wait: bool = True) -> None:
+        """Commit the outcomes of the batch handed over in the background (if it is done)."""
+        if self._handing is None or not (wait or self._handing[1].done()):
+            return
+        (spooled, future), self._handing = self._handing, None
+        try:
+            outcomes = future.result()
+        except BaseException:
+            self._stalled = True  # the batch stays pending; recover() hands it over again
+            raise
+        self._finish(spooled, outcomes)
+
+    def _finish(self, spooled: list[Spooled], outcomes: list[DeliveryOutcome]) -> None:
+        """Step 4: commit a handed-over batch's outcomes; raise if some were deferred."""
         done = list(zip(spooled, outcomes, strict=True))
-        _commit_outcomes(self._mailbox, self._store, self._target, done, self._clock())
+        now = self._clock()
+        finished = _commit_outcomes(
+            self._mailbox, self._store, self._target, done, now, release=not self._overlap
+        )
+        if finished and self._overlap:
+            # Unlinks cost milliseconds each on a busy disk: not on the download's path.
+            self._releases.append(_fsync_executor().submit(self._target.release, finished))
         for item, outcome in done:
             wire = self._wire.pop(item.name, 0)
             if isinstance(outcome, Delivered):
@@ -434,7 +497,20 @@ class _Batcher:
         # Deferred messages stay pending; the next run hands them over again.
         problem = deferral(outcomes)
         if problem is not None:
+            self._stalled = True
             raise problem
+
+    def close(self) -> None:
+        """Wait for the background work: nothing of this run outlives the account's lock."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        releases, self._releases = self._releases, []
+        for release in releases:
+            try:
+                release.result()
+            except Exception as exc:  # debris only: clean_debris removes it at the next start
+                _log.warning("could not remove a delivered spool file", error=safe_text(str(exc)))
 
 
 class _StoppableSink:
@@ -516,6 +592,7 @@ def _fetch(
     else:
         batcher.commit()
     finally:
+        batcher.close()
         # Committed or discarded; a failed commit leaves pending rows for recover().
         _release(opened)
 

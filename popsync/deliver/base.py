@@ -99,6 +99,9 @@ class Target(Protocol):
     kind: str
     #: Where messages are written first; its tmp/ follows the Maildir debris rules.
     spool: Maildir
+    #: True when `hand_over` may run in a background thread while the next batch streams
+    #: in (it must then touch neither the seen-store nor ``sync``'s state).
+    overlap: bool
 
     def open(self) -> TmpMessage:
         """A new spool file for one message (the sink RETR streams into)."""
@@ -151,6 +154,9 @@ class SpoolTarget:
     """
 
     kind = "spool"
+    #: Handing over to an agent is slow (a server's fsyncs, a process per message) and
+    #: shares nothing with the download, so ``sync`` overlaps it with the next batch.
+    overlap = True
 
     def __init__(self, spool_path: Path, line_endings: LineEndings = "crlf") -> None:
         spool_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

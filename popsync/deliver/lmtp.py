@@ -2,19 +2,22 @@
 
 Guarantee: **at-least-once, with one named window.** A message is streamed into the spool
 (``state_dir/spool/<account>/tmp/``) and fsynced, recorded pending, handed over, and marked
-delivered; its spool file is removed after that commit. A crash after the server's 2xx
-for a message and before the batch's delivered commit is the only way to deliver it twice:
+delivered; its spool file is removed after that commit. A crash after the server took
+a message and before the batch's delivered commit is the only way to deliver it twice
+(at most one batch is ever in that state, see ``sync._Batcher``):
 the next run finds it pending with its spool file and hands it over again. A crash at any
 other step loses nothing and duplicates nothing. A 4xx leaves the message pending (the run
 ends 75 and the next run hands the spool file over again without re-downloading); a 5xx
 records it *rejected*: never handed over again, never DELEd, listed by ``popsync status``.
 
-The dialogue: one session per batch (or ``lmtp_sessions`` parallel sessions, each taking
-a share of the batch; the LMTP server is the bottleneck, so parallel sessions are the
-lever), ``LHLO``, then per message ``MAIL FROM:<>`` (or the message's Return-Path) with
-``BODY=8BITMIME``/``SMTPUTF8`` when offered, one ``RCPT TO``, ``DATA``; with PIPELINING the
-three envelope commands go in one write. The body is streamed from the spool file in
-chunks and dot-stuffed on the fly; it is never held whole in memory.
+The dialogue: ``sync`` hands a batch over in a background thread while the next batch
+downloads (``overlap``); the batch goes out on ``lmtp_sessions`` parallel connections, each
+taking the next message as it finishes one (the LMTP server is the bottleneck, so parallel
+sessions are the lever). Per connection ``LHLO``, then per message ``MAIL FROM:<>`` (or
+the message's Return-Path) with ``BODY=8BITMIME``/``SMTPUTF8`` when offered, one ``RCPT
+TO``, ``DATA``; with PIPELINING the three envelope commands go in one write. The body is
+streamed from the spool file in chunks and dot-stuffed on the fly; it is never held whole
+in memory.
 
 Library choice: stdlib ``smtplib.LMTP`` reads the whole message into memory
 (``sendmail(msg)`` takes bytes) and cannot pipeline; ``aiosmtplib`` is asyncio-only and
@@ -25,8 +28,10 @@ has no LMTP per-recipient replies. The dialogue we need is ~100 lines over
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -240,29 +245,52 @@ class LmtpTarget(SpoolTarget):
     def hand_over(self, items: Sequence[Spooled]) -> list[Outcome]:
         if not items:
             return []
-        count = min(self.sessions, len(items))
+        paths = [self.path(i.name) for i in items]
+        outcomes: list[Outcome | None] = [None] * len(paths)
+        queue = _Queue(len(paths))
+        count = min(self.sessions, len(paths))
         if count == 1:
-            return self._session([self.path(i.name) for i in items])
-        # Contiguous shares, one session each; outcomes come back in the items' order.
-        size = -(-len(items) // count)
-        shares = [items[k : k + size] for k in range(0, len(items), size)]
-        with ThreadPoolExecutor(len(shares), thread_name_prefix="popsync-lmtp") as pool:
-            done = pool.map(lambda share: self._session([self.path(i.name) for i in share]), shares)
-            return [outcome for share in done for outcome in share]
+            failures = [self._work(paths, outcomes, queue)]
+        else:
+            # The sessions take the next message as each finishes one (a slow message does
+            # not hold back a share), each in a copy of the caller's context (its secrets
+            # are scrubbed from replies).
+            runs = [contextvars.copy_context().run for _ in range(count)]
+            with ThreadPoolExecutor(count, thread_name_prefix="popsync-lmtp") as pool:
+                failures = list(pool.map(lambda run: run(self._work, paths, outcomes, queue), runs))
+        reason = next((f for f in failures if f is not None), "LMTP hand-over did not finish")
+        return [o if o is not None else Temporary(reason) for o in outcomes]
 
-    def _session(self, paths: list[Path]) -> list[Outcome]:
-        """Hand ``paths`` over on one connection; what a failure leaves is Temporary."""
-        outcomes: list[Outcome] = []
+    def _work(self, paths: list[Path], outcomes: list[Outcome | None], queue: _Queue) -> str | None:
+        """Deliver queued messages on one connection; the error that stopped it, if any.
+
+        A message in flight when the session broke keeps no outcome: it is Temporary.
+        """
         try:
             session = LmtpSession.open(self.address, timeout=self.timeout)
         except (PopsyncError, ValueError) as exc:
-            return [Temporary(f"LMTP {sanitize(str(exc))}")] * len(paths)
+            return f"LMTP {sanitize(str(exc))}"
         try:
-            for path in paths:
-                outcomes.append(session.deliver(path, self.recipient))  # noqa: PERF401 - kept on error
+            while (index := queue.take()) is not None:
+                outcomes[index] = session.deliver(paths[index], self.recipient)
         except PopsyncError as exc:
-            reason = Temporary(f"LMTP {sanitize(str(exc))}")
-            outcomes += [reason] * (len(paths) - len(outcomes))
+            return f"LMTP {sanitize(str(exc))}"
         finally:
             session.close()
-        return outcomes
+        return None
+
+
+class _Queue:
+    """The next message index for whichever session is free; thread-safe."""
+
+    def __init__(self, count: int) -> None:
+        self._next = 0
+        self._count = count
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            if self._next >= self._count:
+                return None
+            self._next += 1
+            return self._next - 1

@@ -1,14 +1,19 @@
 """kill -9 at every step of LMTP, MDA and mbox delivery: nothing lost, duplicates measured.
 
 The only window in which LMTP and MDA may deliver twice is after the agent accepted a
-batch and before the delivered commit (``handover``): the test asserts that exactly that
-batch is duplicated there and nothing anywhere else. mbox closes even that window with its
-append journal, so it never duplicates.
+message and before the delivered commit. The hand-over of batch N runs while batch N+1
+streams in, so a kill during that download (``retr``, ``tmp-fsync``) may land in the window
+of batch N; the test counts the messages in the window at the kill (what the agent holds
+minus the rows committed delivered) and asserts that exactly those are duplicated, that
+they are never more than one batch, and that a kill right after the hand-over returned
+(``handover``) catches exactly one batch. mbox closes even that window with its append
+journal, so it never duplicates.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -82,9 +87,25 @@ def _target(
     path = tmp_path / "inbox.mbox"
 
     def read_mbox() -> list[bytes]:
-        return _split_raw(path.read_bytes()) if path.exists() else []
+        raw = path.read_bytes() if path.exists() else b""
+        return _split_raw(raw) if raw else []
 
     return {"deliver": "mbox", "mbox": str(path)}, read_mbox
+
+
+def _settled_count(delivered: Callable[[], list[bytes]]) -> int:
+    """How many messages the agent holds once it has finished what the killed run sent.
+
+    An LMTP server still delivers a message whose final dot arrived before the kill.
+    """
+    count = len(delivered())
+    for _ in range(50):
+        time.sleep(0.1)
+        again = len(delivered())
+        if again == count:
+            return count
+        count = again
+    return count
 
 
 @pytest.mark.parametrize("kind", ["lmtp", "mda", "mbox"])
@@ -112,6 +133,8 @@ def test_sigkill_at_each_step_of_a_spooled_delivery(
     assert sorted(dovecot.messages(mail_user)) == sorted(messages)  # nothing DELEd yet
 
     with SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as store:
+        committed = sum(e.state == "delivered" for e in only_entries(store).values())
+        window = _settled_count(delivered) - committed  # accepted by the agent, commit lost
         result = sync_account(load_config(config).accounts["acct"], store)
         states = {e.state for e in only_entries(store).values()}
     assert result.outcome == "ok", result.error
@@ -124,9 +147,13 @@ def test_sigkill_at_each_step_of_a_spooled_delivery(
     assert not want - got, "lost"
     assert not got - want - want, "unexpected content"
     duplicates = sum((got - want).values())
-    # The measured window: the batch the agent had accepted when the commit was lost.
-    expected = BATCH if step == "handover" and kind in ("lmtp", "mda") else 0
-    assert duplicates == expected, (kind, step, duplicates)
+    # The measured window: what the agent had accepted when the commit was lost.
+    assert duplicates == (0 if kind == "mbox" else window), (kind, step, duplicates, window)
+    assert 0 <= window <= BATCH, (kind, step, window)
+    if step == "handover" and kind != "mbox":
+        assert window == BATCH
+    if step in ("pending", "delivered", "dele"):  # the batch before was committed first
+        assert duplicates == 0, (kind, step, duplicates)
 
 
 def test_mbox_partial_append_is_cut_back(

@@ -5,12 +5,18 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devtools.dovecot import Dovecot, DovecotLmtp, MailUser
+from popsync import sync as sync_module
+from popsync.deliver import Outcome, Spooled
+from popsync.deliver.lmtp import LmtpTarget
 from popsync.errors import ExitCode
 from popsync.seen import SeenStore
 from popsync.sync import RunResult, sync_account
@@ -202,3 +208,75 @@ def test_unreachable_server_defers_then_delivers_from_the_spool(
     assert (done.recovered, done.fetched, done.deleted) == (3, 0, 3)
     assert_exactly_once([strip_trace(m) for m in lmtp_server.folder_messages(rcpt)], messages)
     assert dovecot.messages(mail_user) == []
+
+
+def test_next_batch_streams_while_the_last_is_handed_over(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    store: SeenStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batch N goes to the LMTP server in a background thread while batch N+1 downloads."""
+    rcpt = lmtp_server.new_user("o")
+    messages = [make_message(i, tag="overlap") for i in range(12)]
+    dovecot.deliver_many(mail_user, messages)
+    monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    spans: list[tuple[float, float, bool]] = []
+    added: list[float] = []
+    real_hand_over = LmtpTarget.hand_over
+    real_add = sync_module._Batcher.add
+
+    def hand_over(self: LmtpTarget, items: Sequence[Spooled]) -> list[Outcome]:
+        started = time.monotonic()
+        time.sleep(0.3)  # a slow agent, so the overlap cannot be missed
+        outcomes = real_hand_over(self, items)
+        main = threading.current_thread() is threading.main_thread()
+        spans.append((started, time.monotonic(), main))
+        return outcomes
+
+    def add(self: sync_module._Batcher, *args: Any) -> None:
+        added.append(time.monotonic())
+        real_add(self, *args)
+
+    monkeypatch.setattr(LmtpTarget, "hand_over", hand_over)
+    monkeypatch.setattr(sync_module._Batcher, "add", add)
+    result = _sync(dovecot, mail_user, tmp_path, store, **_lmtp_keys(lmtp_server, rcpt))
+    assert result.outcome == "ok", result.error
+    assert result.fetched == 12
+    assert_exactly_once([strip_trace(m) for m in lmtp_server.folder_messages(rcpt)], messages)
+    assert len(spans) == 3
+    assert not any(main for _, _, main in spans)
+    first_start, first_end, _ = spans[0]
+    assert any(first_start < t < first_end for t in added[4:8])  # batch 2 streamed meanwhile
+    # One batch at a time: each hand-over starts after the one before was committed.
+    assert all(spans[k][0] >= spans[k - 1][1] for k in range(1, 3))
+    assert list((tmp_path / "state" / "spool" / "acct" / "tmp").iterdir()) == []
+
+
+def test_deferral_mid_run_stops_the_download_and_keeps_the_rest_pending(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    store: SeenStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deferred background batch ends the run 75 within a batch; nothing is lost."""
+    rcpt = lmtp_server.new_user("s")
+    messages = [make_message(i, tag="stall") for i in range(12)]
+    dovecot.deliver_many(mail_user, messages)
+    monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    keys = {**_lmtp_keys(lmtp_server, rcpt), "delete": "after_delivery"}
+    down = {**keys, "lmtp": f"unix:{tmp_path}/no-such-socket"}
+    result = _sync(dovecot, mail_user, tmp_path, store, **down)
+    assert (result.outcome, result.exit_code) == ("temporary", ExitCode.TEMPORARY)
+    states = [e.state for e in only_entries(store).values()]
+    assert set(states) == {"pending"}
+    assert 4 <= len(states) <= 8  # the batch that failed and at most the next one
+    assert len(dovecot.messages(mail_user)) == 12
+    done = _sync(dovecot, mail_user, tmp_path, store, **keys)
+    assert done.outcome == "ok", done.error
+    assert (done.recovered, done.fetched, done.deleted) == (len(states), 12 - len(states), 12)
+    assert_exactly_once([strip_trace(m) for m in lmtp_server.folder_messages(rcpt)], messages)
