@@ -2,7 +2,10 @@
 
 One command (as root; needs dovecot-lmtpd, dovecot-sieve, fetchmail, mpop)::
 
-    .venv/bin/python -m bench.lmtp [--runs 3] [--quick]
+    .venv/bin/python -m bench.lmtp [--runs 3] [--quick] [--only LABEL,...]
+
+``--only`` keeps the rows whose label starts with one of the given prefixes (``--only
+"popsync lmtp x4,fetchmail,load client x4"``); the default runs every row.
 
 Everything runs against one private POP3 Dovecot and one private LMTP Dovecot (with
 ``mail_fsync = optimized``, as a real server) in the same run, each tool into a fresh
@@ -11,18 +14,22 @@ recipient, so the figures compare like with like:
 * ``popsync lmtp xN``: ``deliver = "lmtp"`` over the unix socket, ``lmtp_sessions = N``;
   with and without a Sieve script for the recipient;
 * ``popsync maildir``: the plain Maildir target, for peak RSS;
+* ``popsync mbox``: ``deliver = "mbox"`` into a fresh mbox file;
 * ``fetchmail --lmtp``: fetchmail's LMTP delivery to the same socket;
 * ``mpop dovecot-lda``: mpop ``delivery mda`` running dovecot-lda per message;
+* ``mpop mbox``: mpop ``delivery mbox`` into a fresh mbox file;
 * ``load client xN``: the floor: a pipelined LMTP client sending the messages from memory
   on N connections, no POP3 at all.
 
-Each delivery is verified: the recipient's INBOX (or Lists) holds every Message-ID exactly
-once. Peak RSS is GNU time's ``%M``. The report is printed as a Markdown table.
+Each delivery is verified: the recipient's INBOX (or Lists), the Maildir or the mbox holds
+every Message-ID exactly once. Peak RSS is GNU time's ``%M``. The report is printed as a
+Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import mailbox
 import re
 import shutil
 import socket
@@ -51,6 +58,19 @@ def _message_ids(server: DovecotLmtp, user: MailUser) -> Counter[bytes]:
         for data in server.folder_messages(user, folder):
             m = _MSGID.search(data)
             found[m.group(1) if m else b"?"] += 1
+    return found
+
+
+def _mbox_ids(path: Path) -> Counter[bytes]:
+    """Message-IDs of an mbox file, read back with the standard library."""
+    found: Counter[bytes] = Counter()
+    box = mailbox.mbox(path, create=False)
+    try:
+        for key in box.iterkeys():
+            m = _MSGID.search(box.get_bytes(key))
+            found[m.group(1) if m else b"?"] += 1
+    finally:
+        box.close()
     return found
 
 
@@ -131,7 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.lmtp")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated label prefixes to run")
     opts = parser.parse_args(argv)
+    only = tuple(p.strip() for p in opts.only.split(",") if p.strip())
+
+    def wanted(label: str) -> bool:
+        return not only or label.startswith(only)
+
     box = mailgen.generate("a", quick=opts.quick)
     want = Counter(m.group(1) for m in (_MSGID.search(x) for x in box.messages) if m)
     root = Path(tempfile.mkdtemp(prefix="popsync-bench-lmtp-"))
@@ -182,20 +208,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"--idfile={work / 'ids'}", f"--pidfile={work / 'pid'}",
                 ]  # fmt: skip
 
-            def mpop(rcpt: MailUser) -> list[str]:
-                work = root / "work" / "mpop"
-                shutil.rmtree(work, ignore_errors=True)
-                work.mkdir(parents=True)
-                rc = work / "mpoprc"
-                rc.write_text(
-                    "defaults\ntls off\nauth user\nkeep on\naccount bench\n"
-                    f"host {pop3.host}\nport {pop3.pop3_port}\n"
-                    f"user {source.name}\npassword {source.password}\n"
-                    f"delivery mda {' '.join(lda)} {rcpt.name}\n"
-                    f"uidls_file {work / 'uidls'}\n"
-                )
-                rc.chmod(0o600)
-                return ["mpop", f"--file={rc}", "--quiet", "bench"]
+            def mpop(label: str, delivery: str) -> Callable[[MailUser], list[str]]:
+                def build(rcpt: MailUser) -> list[str]:
+                    work = root / "work" / label
+                    shutil.rmtree(work, ignore_errors=True)
+                    work.mkdir(parents=True)
+                    rc = work / "mpoprc"
+                    rc.write_text(
+                        "defaults\ntls off\nauth user\nkeep on\naccount bench\n"
+                        f"host {pop3.host}\nport {pop3.pop3_port}\n"
+                        f"user {source.name}\npassword {source.password}\n"
+                        f"delivery {delivery.format(rcpt=rcpt.name, work=work)}\n"
+                        f"uidls_file {work / 'uidls'}\n"
+                    )
+                    rc.chmod(0o600)
+                    return ["mpop", f"--file={rc}", "--quiet", "bench"]
+
+                return build
 
             lmtp_target = (
                 'deliver = "lmtp"\nlmtp = "unix:{sock}"\n'
@@ -209,15 +238,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "pmda", f'deliver = "mda"\nmda = {[*lda, "{rcpt}"]!r}'.replace("'", '"')
                 ),
                 "popsync maildir": popsync("pmd", 'maildir = "{work}/Maildir"'),
+                "popsync mbox": popsync("pmb", 'deliver = "mbox"\nmbox = "{work}/inbox.mbox"'),
                 "fetchmail --lmtp": fetchmail,
-                "mpop mda dovecot-lda": mpop,
+                "mpop mda dovecot-lda": mpop("mpop", f"mda {' '.join(lda)} {{rcpt}}"),
+                "mpop mbox": mpop("mpop-mbox", "mbox {work}/inbox.mbox"),
             }
+            tools = {label: build for label, build in tools.items() if wanted(label)}
             for run in range(opts.runs):
                 for label, build in tools.items():
                     rcpt = lmtp.new_user("b")
                     argv_ = build(rcpt)
                     wall, code, rss = _timed(argv_)
-                    if label == "popsync maildir":
+                    if label.endswith("mbox"):
+                        work = "pmb" if label.startswith("popsync") else "mpop-mbox"
+                        got = _mbox_ids(root / "work" / work / "inbox.mbox")
+                    elif label == "popsync maildir":
                         maildir = root / "work" / "pmd" / "Maildir" / "new"
                         got = Counter(
                             m.group(1)
@@ -233,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s, {rss} KiB, "
                           f"{'OK' if ok else 'FAILED'}", flush=True)  # fmt: skip
                 for sessions in (1, 4):
+                    if not wanted(f"load client x{sessions}"):
+                        continue
                     rcpt = lmtp.new_user("l")
                     wall = _load_client(
                         lmtp.socket_path, f"{rcpt.name}@example.org", box.messages, sessions

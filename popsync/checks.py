@@ -5,7 +5,8 @@
 is invalid, every secret source (file readable and private, variable set, command
 executable; for an ``oauth2_provider`` account a stored token and a readable client secret
 file), every CA bundle, and every Maildir (or the directory it will be created in)
-and the state directory, writable by the user running the check. Each problem is one line
+and the state directory, writable by the user running the check, and every MDA command and
+mbox (`popsync.deliver.probe`). Each problem is one line
 that starts with its key, and each line appears once.
 """
 
@@ -83,7 +84,9 @@ def _account_problems(
         problem = maildir_problem(maildir)
         if problem:
             problems.append(f"accounts.{name}.maildir: {problem}")
-    return problems
+    from popsync.deliver.probe import static_problems
+
+    return problems + static_problems(name, keys)
 
 
 def _oauth2_problems(config: Config) -> list[str]:

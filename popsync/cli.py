@@ -485,7 +485,23 @@ def _test_accounts(config: Config, names: Sequence[str], args: argparse.Namespac
             where = f" after step {steps[-1]!r}" if steps else ""
             _say(sys.stdout, f"  FAILED ({code.name.lower()}){where}: {_one_line(exc)}")
         codes.append(code)
+        codes.append(_probe_delivery(account))
     return worst_exit_code(codes)
+
+
+def _probe_delivery(account: Account) -> ExitCode:
+    """Whether the account's LMTP server takes its recipient (see popsync.deliver.probe)."""
+    if account.deliver != "lmtp":
+        return ExitCode.OK
+    from popsync.deliver.probe import probe_lmtp
+
+    try:
+        _say(sys.stdout, f"  {'lmtp ' + str(account.lmtp) + ':':<24} {probe_lmtp(account)}")
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _say(sys.stdout, f"  FAILED (configuration): {problem}")
+        return exc.exit_code
+    return ExitCode.OK
 
 
 def _one_line(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ import pytest
 
 from devtools.dovecot import Dovecot, DovecotLmtp, MailUser
 from popsync import sync as sync_module
+from popsync.cli import main
 from popsync.deliver import Outcome, Spooled
 from popsync.deliver.lmtp import LmtpTarget
 from popsync.errors import ExitCode
@@ -23,11 +24,14 @@ from popsync.sync import RunResult, sync_account
 from tests.conftest import require_lmtp
 from tests.corpus import CORPUS, served
 from tests.synchelp import (
+    TomlValue,
     assert_exactly_once,
     dovecot_account,
+    dovecot_keys,
     make_message,
     only_entries,
     stored_form,
+    write_config,
 )
 
 __all__: list[str] = []
@@ -280,3 +284,42 @@ def test_deferral_mid_run_stops_the_download_and_keeps_the_rest_pending(
     assert done.outcome == "ok", done.error
     assert (done.recovered, done.fetched, done.deleted) == (len(states), 12 - len(states), 12)
     assert_exactly_once([strip_trace(m) for m in lmtp_server.folder_messages(rcpt)], messages)
+
+
+def test_check_config_connect_probes_the_lmtp_server(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--connect greets the LMTP server, says LHLO and tries the recipient; failures are 78."""
+    rcpt = lmtp_server.new_user("p")
+    good = _lmtp_keys(lmtp_server, rcpt)
+    gone = {**good, "lmtp": f"unix:{tmp_path}/no-sock"}
+    nobody = {**_lmtp_keys(lmtp_server, rcpt, port=True), "lmtp_recipient": "nobody@"}
+    accounts: dict[str, dict[str, TomlValue]] = {
+        name: dovecot_keys(dovecot, user, tmp_path / "x", **keys)
+        for name, user, keys in (
+            ("good", mail_user, good),
+            ("gone", dovecot.new_user("g"), gone),
+            ("nobody", dovecot.new_user("n"), nobody),
+        )
+    }
+    config = write_config(tmp_path / "c.toml", tmp_path / "state", accounts)
+    assert main(["check-config", "--connect", "-c", str(config)]) == ExitCode.CONFIG
+    captured = capsys.readouterr()
+    out = captured.out
+    assert out, captured.err
+    good_part = out.split("gone:\n")[0]
+    assert f"  lmtp unix:{lmtp_server.socket_path}:" in good_part
+    assert "220, LHLO ok (extensions: " in good_part
+    assert "PIPELINING" in good_part
+    assert "recipient accepted" in good_part
+    assert "FAILED" not in good_part
+    failed = "FAILED (configuration): accounts."
+    assert f"{failed}gone.lmtp: unix:{tmp_path}/no-sock: connect failed: No such file" in out
+    assert f"{failed}nobody.lmtp_recipient: the LMTP server refused it: 501" in out
+    assert out.count("FAILED") == 2
+    assert main(["test", "good", "-c", str(config)]) == 0
+    assert "recipient accepted" in capsys.readouterr().out
