@@ -6,7 +6,6 @@ The CLI catches `PopsyncError` and exits with its `exit_code`; anything else is 
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterable
 from enum import IntEnum
 
@@ -42,6 +41,8 @@ class ExitCode(IntEnum):
 def describe_exit(returncode: int) -> str:
     """How a child process ended: ``exited with status 3`` or ``was killed by SIGTERM``."""
     if returncode < 0:
+        import signal  # here: every command imports this module, few run a child
+
         try:
             return f"was killed by {signal.Signals(-returncode).name}"
         except ValueError:

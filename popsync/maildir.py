@@ -32,7 +32,7 @@ Why these names are unique even when the spec's assumptions break: time + PID is
 spec relies on, but a container restarts with the same PID and a clock can jump back, so two
 processes can agree on seconds, microseconds and PID. The per-process counter ``Q`` makes names
 from one process distinct no matter what the clock does, and ``R`` (64 random bits from
-`secrets`, the OS CSPRNG, drawn once per process and again in every fork child) makes names from
+`os.urandom`, the OS CSPRNG, drawn once per process and again in every fork child) makes names from
 different processes distinct even with an identical PID and clock. Finally tmp files are
 created with O_EXCL, so a collision is retried with a fresh name instead of overwriting. A UIDL
 never appears in a name: it may hold ``/`` and other bytes the filesystem dislikes.
@@ -49,7 +49,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import secrets
 import stat
 import threading
 import time
@@ -137,7 +136,7 @@ def sanitize_host(host: str) -> str:
 
 def _new_process_random() -> None:
     global _process_random  # noqa: PLW0603 - one value per process, renewed in a fork child
-    _process_random = secrets.token_hex(8)
+    _process_random = os.urandom(8).hex()  # what secrets.token_hex(8) does, without its imports
 
 
 _process_random = ""

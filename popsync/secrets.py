@@ -13,11 +13,7 @@ output is read up to `MAX_SECRET_BYTES`, like a password file; more is refused.
 from __future__ import annotations
 
 import os
-import selectors
-import shlex
-import shutil
 import stat
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +24,9 @@ from popsync.textsafe import safe_text
 
 if TYPE_CHECKING:  # at run time the account may be a configcache.Record: no pydantic import
     from popsync.config import Account
+
+# subprocess, selectors, shlex and shutil are imported in the functions that run
+# password_command: a short run with an inline or file password does not load them.
 
 __all__ = [
     "COMMAND_ENV",
@@ -113,6 +112,9 @@ def check_secret_source(
 
 
 def _command_runnable(name: str, command: str, env: Mapping[str, str]) -> None:
+    import shlex
+    import shutil
+
     try:
         argv = shlex.split(command)
     except ValueError:
@@ -215,6 +217,9 @@ class _TooMuchOutput(Exception):
 
 def _run_capped(argv: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
     """Run ``argv``; return (status, stdout, stderr tail); stdout capped, whole run timed."""
+    import selectors
+    import subprocess
+
     # No shell: the command line is split like a shell would, but nothing is expanded.
     proc = subprocess.Popen(  # noqa: S603
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
@@ -254,6 +259,9 @@ def _run_capped(argv: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes
 
 
 def _from_command(name: str, command: str, env: dict[str, str]) -> str:
+    import shlex
+    import subprocess
+
     argv = shlex.split(command)
     what = f"command {argv[0]!r}" if argv else "command"
     try:

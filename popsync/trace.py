@@ -22,12 +22,9 @@ so no line exceeds RFC 5322's 998 octets.
 
 from __future__ import annotations
 
-import email.utils
-import ipaddress
 import os
 import re
 from collections.abc import Collection
-from datetime import datetime
 
 __all__ = ["MAX_UIDL", "TraceHeaders"]
 
@@ -60,6 +57,8 @@ def _word(text: str) -> bytes:
 
 def _domain(host: str) -> bytes:
     """A host as a Received domain: an IP address becomes a domain literal."""
+    import ipaddress  # here, like email.utils below: most runs write no trace field
+
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -81,6 +80,8 @@ class TraceHeaders:
         local_host: str | None = None,
     ) -> None:
         self.kinds = frozenset(kinds)
+        if not self.kinds:
+            return
         self._delivered_to = b"Delivered-To: " + _word(recipient or user) + b"\r\n"
         local = local_host if local_host is not None else os.uname().nodename
         self._from = b"Received: from " + _domain(pop3_host) + b"\r\n\tby " + _domain(local)
@@ -98,6 +99,9 @@ class TraceHeaders:
         if "delivered-to" in self.kinds:
             out += self._delivered_to
         if "received" in self.kinds:
+            import email.utils
+            from datetime import datetime
+
             date = email.utils.format_datetime(datetime.fromtimestamp(now).astimezone())
             out += self._from + b" (popsync) with POP3 (UIDL " + _comment(shown) + b")"
             out += self._for + date.encode("ascii") + b"\r\n"

@@ -7,7 +7,10 @@ config layer can show it to the user unchanged.
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from decimal import Decimal
 
 __all__ = [
     "format_duration",
@@ -18,13 +21,15 @@ __all__ = [
     "parse_size",
 ]
 
-_DURATION_UNITS: dict[str, Decimal] = {
-    "ms": Decimal("0.001"),
-    "s": Decimal(1),
-    "m": Decimal(60),
-    "h": Decimal(3600),
-    "d": Decimal(86400),
-    "w": Decimal(604800),
+# Seconds per unit as decimal strings: decimal is imported by the parsers (config
+# validation) only, not by every run that formats a size or a fingerprint.
+_DURATION_UNITS: dict[str, str] = {
+    "ms": "0.001",
+    "s": "1",
+    "m": "60",
+    "h": "3600",
+    "d": "86400",
+    "w": "604800",
 }
 # Units must appear largest first ("1h30m", not "30m1h"), each at most once.
 _DURATION_ORDER = ("w", "d", "h", "m", "s", "ms")
@@ -54,6 +59,8 @@ _SIZE_HINT = "expected a number of bytes or a number with a unit: '512k', '50MB'
 
 def _check_number(value: object, kind: str, hint: str) -> Decimal | None:
     """Return a plain number as Decimal, None for strings; reject bools and other types."""
+    from decimal import Decimal
+
     # bool is an int subclass, but `interval = true` is a mistake, not 1 second.
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"invalid {kind} {value!r}: {hint}")
@@ -67,6 +74,8 @@ def _check_number(value: object, kind: str, hint: str) -> Decimal | None:
 
 def parse_duration(value: object) -> float:
     """Parse "90s", "5m", "1h30m", "2d", "250ms" or a plain number of seconds into seconds."""
+    from decimal import Decimal
+
     number = _check_number(value, "duration", _DURATION_HINT)
     if number is not None:
         return float(number)
@@ -82,7 +91,7 @@ def parse_duration(value: object) -> float:
         rank = _DURATION_ORDER.index(unit)
         if match.start() != position or rank <= last_rank:
             break
-        total += Decimal(match.group(1)) * _DURATION_UNITS[unit]
+        total += Decimal(match.group(1)) * Decimal(_DURATION_UNITS[unit])
         position = _skip_spaces(text, match.end())
         last_rank = rank
     else:
@@ -99,6 +108,8 @@ def _skip_spaces(text: str, position: int) -> int:
 
 def parse_size(value: object) -> int:
     """Parse "512k", "50MB", "1.5GiB" or a plain number of bytes; kB/MB/GB are powers of 1000."""
+    from decimal import Decimal
+
     number = _check_number(value, "size", _SIZE_HINT)
     if number is None:
         assert isinstance(value, str)
