@@ -48,9 +48,8 @@ _PACKAGES = {
     "maildrop": "maildrop",
 }
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_POPSYNC_MAIN = (
-    "import sys; from popsync.cli import main; sys.argv[0] = 'popsync'; sys.exit(main())"
-)
+# What the installed console script runs (pyproject's [project.scripts]).
+_POPSYNC_MAIN = "import sys; from popsync.cli import run; sys.argv[0] = 'popsync'; run()"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,5 @@
 """``python -m popsync`` runs the command-line interface."""
 
-import sys
+from popsync.cli import run
 
-from popsync.cli import main
-
-sys.exit(main())
+run()

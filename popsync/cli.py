@@ -10,10 +10,12 @@ pay for APScheduler or rich when it does not use them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
 import os
 import sys
+import threading
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     from popsync.store import Store
     from popsync.sync import Progress
 
-__all__ = ["DEFAULT_CONFIG", "SEVERITY", "config_search_path", "main", "worst_exit_code"]
+__all__ = ["DEFAULT_CONFIG", "SEVERITY", "config_search_path", "main", "run", "worst_exit_code"]
 
 DEFAULT_CONFIG = Path("/etc/popsync/config.toml")
 
@@ -700,28 +702,32 @@ class _OnDemand(types.ModuleType):
 
 # Imported by structlog at the top, used only in functions popsync never calls: asyncio by
 # structlog.stdlib's async methods (~30 ms, several MiB), uuid (and with it platform) by
-# the deprecated structlog.threadlocal.
-_STRUCTLOG_ON_DEMAND = ("asyncio", "uuid")
+# the deprecated structlog.threadlocal, which itself is only kept for old callers.
+_STRUCTLOG_ON_DEMAND = ("asyncio", "uuid", "structlog.threadlocal")
+# Optional parts structlog probes for and popsync never uses: its Twisted integration.
+_STRUCTLOG_ABSENT = ("structlog.twisted",)
 # Commands that never log through structlog do not import it at all.
 _NO_STRUCTLOG = frozenset({"status", "healthcheck"})
 
 
 def _lean_structlog() -> None:
-    """Import structlog without the parts a sync run never uses: rich, asyncio, uuid.
+    """Import structlog without the parts a sync run never uses: rich, asyncio, uuid, ...
 
     structlog imports rich whenever it is installed (pretty tracebacks for its console
-    renderer: ~40 ms, ~4 MiB that JSON logs never use) and a few modules it needs only in
-    functions popsync never calls (:data:`_STRUCTLOG_ON_DEMAND`). While structlog is
-    imported, a ``None`` entry in ``sys.modules`` makes the optional rich import fail as
-    if rich were absent (only off a terminal) and an :class:`_OnDemand` stand-in answers
-    each of the others; the entries are removed afterwards, so rich (status table,
-    progress bar), asyncio and uuid stay importable as usual.
+    renderer: ~40 ms, ~4 MiB that JSON logs never use), its Twisted integration when Twisted
+    is installed, and a few modules it needs only in functions popsync never calls
+    (:data:`_STRUCTLOG_ON_DEMAND`). While structlog is imported, a ``None`` entry in
+    ``sys.modules`` makes the optional rich (only off a terminal) and Twisted imports fail as
+    if they were absent, and an :class:`_OnDemand` stand-in answers each of the others; the
+    entries are removed afterwards, so rich (status table, progress bar), asyncio, uuid and
+    structlog.threadlocal stay importable as usual.
     """
     if "structlog" in sys.modules:
         return
     stand_ins: dict[str, types.ModuleType | None] = {
         name: _OnDemand(name) for name in _STRUCTLOG_ON_DEMAND
     }
+    stand_ins.update(dict.fromkeys(_STRUCTLOG_ABSENT))
     if not (sys.stderr.isatty() or sys.stdout.isatty()):
         stand_ins["rich"] = None
     stand_ins = {name: m for name, m in stand_ins.items() if name not in sys.modules}
@@ -737,7 +743,7 @@ def _lean_structlog() -> None:
         return
     finally:
         for name in stand_ins:
-            del sys.modules[name]
+            sys.modules.pop(name, None)  # a structlog.* stand-in may be gone already
     import structlog  # noqa: F401
 
 
@@ -754,6 +760,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     # lines below are still printed inside the scope.
     with scrubbing():
         return _run_command(args)
+
+
+def run() -> NoReturn:
+    """Entry point of the ``popsync`` console script: :func:`main`, then a quick exit.
+
+    Tearing the interpreter down (freeing every module and object) is about a tenth of a
+    short ``--once``: once ``main`` has returned, the exit handlers have run and the
+    streams are flushed, nothing is left to do but exit. Only when ``main`` left another
+    thread running does the interpreter exit the usual way, so that thread is waited for.
+    """
+    code = main()
+    if threading.active_count() > 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # logging.shutdown() and any other handler, as at a normal exit
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)  # e.g. a closed pipe: the usual exit reports it as it always did
+    os._exit(code)
 
 
 def _run_command(args: argparse.Namespace) -> int:

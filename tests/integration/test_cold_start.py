@@ -20,6 +20,16 @@ from tests.synchelp import TomlValue, dovecot_keys, maildir_messages, make_messa
 
 ROOT = Path(__file__).resolve().parents[2]
 NEVER_ON_A_TIMER_RUN = ("rich", "apscheduler", "asyncio", "psycopg", "psycopg_pool")
+# Loaded only when a run needs them: trace header fields (email), password_command
+# (subprocess), config validation (decimal, pydantic), and structlog's deprecated
+# threadlocal and its Twisted integration (never).
+ONLY_WHEN_NEEDED = (
+    "email",
+    "subprocess",
+    "decimal",
+    "structlog.threadlocal",
+    "structlog.twisted",
+)
 
 # Runs popsync's main() and writes the names of all imported modules to $MODULES_OUT.
 _WRAPPER = (
@@ -35,7 +45,7 @@ _WRAPPER = (
 
 
 def run_popsync(tmp_path: Path, *args: str) -> tuple[int, set[str]]:
-    """Exit code and imported top-level package names of one ``popsync ARGS`` run."""
+    """Exit code and imported modules (and their top-level packages) of one ``popsync ARGS``."""
     out = tmp_path / "modules.json"
     proc = subprocess.run(
         [sys.executable, "-c", _WRAPPER, *args],
@@ -47,7 +57,7 @@ def run_popsync(tmp_path: Path, *args: str) -> tuple[int, set[str]]:
         env={**os.environ, "MODULES_OUT": str(out), "PYTHONPATH": str(ROOT)},
     )
     modules = json.loads(out.read_text())
-    return proc.returncode, {name.split(".")[0] for name in modules}
+    return proc.returncode, {*modules, *(name.split(".")[0] for name in modules)}
 
 
 def test_once_off_a_terminal_imports_only_what_it_uses(
@@ -71,6 +81,7 @@ def test_once_off_a_terminal_imports_only_what_it_uses(
         assert not modules & set(NEVER_ON_A_TIMER_RUN), sorted(modules & set(NEVER_ON_A_TIMER_RUN))
     assert "pydantic" in first  # the first run validated and cached the config
     assert "pydantic" not in again
+    assert not again & set(ONLY_WHEN_NEEDED), sorted(again & set(ONLY_WHEN_NEEDED))
 
 
 def test_help_and_status_stay_light(tmp_path: Path) -> None:
@@ -135,3 +146,68 @@ def test_a_structlog_that_needs_a_stand_in_at_import_still_imports(tmp_path: Pat
         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
     )
     assert (proc.returncode, proc.stdout) == (0, "ok\n"), proc.stderr
+
+
+def _run_entry(tmp_path: Path, main_body: str) -> subprocess.CompletedProcess[str]:
+    """Run ``popsync.cli.run()`` with ``main`` replaced by ``main_body`` (stdout piped)."""
+    code = (
+        "import atexit, sys, threading, time\n"
+        "import popsync.cli as cli\n"
+        "def main():\n"
+        + "".join(f"    {line}\n" for line in main_body.splitlines())
+        + "cli.main = main\n"
+        "cli.run()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_entry_point_exits_quickly_with_output_and_exit_handlers(tmp_path: Path) -> None:
+    """run() keeps main's exit code, buffered output and atexit handlers when it skips teardown."""
+    proc = _run_entry(
+        tmp_path,
+        "atexit.register(lambda: open('atexit.txt', 'w').write('ran'))\n"
+        "print('to stdout')\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "return 75",
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (75, "to stdout\n", "to stderr\n")
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+
+
+def test_entry_point_waits_for_a_thread_main_left_running(tmp_path: Path) -> None:
+    """run() exits the usual way, after the thread, when main left a non-daemon thread running."""
+    proc = _run_entry(
+        tmp_path,
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    open('thread.txt', 'w').write('done')\n"
+        "threading.Thread(target=late).start()\n"
+        "return 3",
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert (tmp_path / "thread.txt").read_text() == "done"
+
+
+def test_python_m_popsync_uses_the_entry_point(tmp_path: Path) -> None:
+    """``python -m popsync`` reports a configuration error with its exit code through run()."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("state_dir = 5\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "popsync", "--once", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert "configuration error" in proc.stderr
