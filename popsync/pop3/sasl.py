@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 from typing import Protocol
 
 from .errors import LocalProtocolError, RemoteProtocolError, SaslAuthError
@@ -214,12 +215,8 @@ class ScramSha256:
     name = "SCRAM-SHA-256"
 
     def __init__(self, user: str, secret: str, *, nonce: str | None = None) -> None:
-        if not nonce:
-            import secrets  # here: only SCRAM needs it, and it costs a short run's start-up
-
-            nonce = base64.b64encode(secrets.token_bytes(18)).decode("ascii")
         self._secret = _utf8(secret)
-        self._nonce = nonce
+        self._nonce = nonce or base64.b64encode(secrets.token_bytes(18)).decode("ascii")
         self._first_bare = b"n=" + _scram_name(user) + b",r=" + self._nonce.encode("ascii")
         self._server_signature: bytes | None = None
         self._done = False
