@@ -718,8 +718,10 @@ class SeenStore:
                 raise LockBusy(
                     f"account {account!r} is already being synced by another process ({path})"
                 ) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            pid = f"{os.getpid()}\n".encode()
+            if os.pread(fd, 32, 0) != pid:  # a daemon's next runs find it written already
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, pid, 0)
             yield
         finally:
             os.close(fd)  # closing releases the flock

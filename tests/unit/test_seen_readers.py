@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -79,3 +81,20 @@ def test_close_closes_the_read_connections(store: SeenStore) -> None:
     for conn in readers:
         with pytest.raises(Exception, match="closed"):
             conn.execute("SELECT 1")
+
+
+def test_the_lock_file_is_written_only_when_its_pid_differs(store: SeenStore) -> None:
+    """The PID is written on the first lock; later locks by the same process write nothing."""
+    with store.lock("box@host"):
+        pass
+    (path,) = store.lock_dir.iterdir()
+    assert path.read_text() == f"{os.getpid()}\n"
+    before = path.stat().st_mtime_ns
+    time.sleep(0.02)
+    with store.lock("box@host"):
+        pass
+    assert path.stat().st_mtime_ns == before
+    path.write_text("999999999\n")  # left by another process
+    with store.lock("box@host"):
+        pass
+    assert path.read_text() == f"{os.getpid()}\n"
