@@ -9,7 +9,7 @@ connection (``check_same_thread=False``) guarded by an internal `threading.RLock
 whole transaction. SQLite admits one writer at a time anyway and our transactions are short
 batches, so per-thread write connections would buy no write concurrency; they would add
 SQLITE_BUSY waits between our own threads. Reads do not take that lock: they borrow a read-only
-connection from a small pool (one per concurrent reader, kept until `SeenStore.close`), so a
+connection from a small pool (at most `MAX_IDLE_READERS` kept open, 1 MiB of cache each), so a
 listing never waits for another run's commit and its fsync; WAL gives each read a committed
 snapshot. Run records (`SeenStore.record_run`) commit with ``synchronous=NORMAL``: no fsync of
 their own (the next durable commit syncs them along), because losing the last runs' summary on
@@ -63,6 +63,7 @@ __all__ = [
     "FRESH_SCHEMA",
     "FRESH_VERSION",
     "LEGACY_PREFIX",
+    "MAX_IDLE_READERS",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "EntryRow",
@@ -283,6 +284,12 @@ EntryRow: TypeAlias = tuple[
 ]
 
 
+#: Idle read connections kept open; a burst of more readers opens (and then closes) extra ones.
+MAX_IDLE_READERS = 16
+#: Page cache of one read connection, KiB (each connection has its own cache).
+_READER_CACHE_KIB = 1024
+
+
 class SeenStore:
     """Seen UIDLs per account; open with `SeenStore.open(path)`."""
 
@@ -414,6 +421,7 @@ class SeenStore:
                     check_same_thread=False,
                 )
                 conn.execute("PRAGMA query_only = 1")
+                conn.execute(f"PRAGMA cache_size = -{_READER_CACHE_KIB}")
                 with self._readers_lock:
                     self._all_readers.append(conn)
             yield conn
@@ -423,8 +431,18 @@ class SeenStore:
             if conn is not None:
                 if conn.in_transaction:  # a stream abandoned half-way
                     conn.execute("ROLLBACK")
-                with self._readers_lock:
-                    self._readers.append(conn)
+                self._give_back(conn)
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        """Keep a read connection for the next read, or close it beyond MAX_IDLE_READERS."""
+        with self._readers_lock:
+            keep = len(self._readers) < MAX_IDLE_READERS
+            if keep:
+                self._readers.append(conn)
+            else:
+                self._all_readers.remove(conn)
+        if not keep:
+            conn.close()
 
     def _query(
         self, action: str, sql: str, args: Sequence[object] = ()

@@ -98,3 +98,20 @@ def test_the_lock_file_is_written_only_when_its_pid_differs(store: SeenStore) ->
     with store.lock("box@host"):
         pass
     assert path.read_text() == f"{os.getpid()}\n"
+
+
+def test_idle_read_connections_are_bounded(
+    store: SeenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More readers at once than MAX_IDLE_READERS open extra connections, closed on return."""
+    monkeypatch.setattr("popsync.seen.MAX_IDLE_READERS", 2)
+    store.mark_delivered("box", [(b"u1", "n1")], 1.0)
+    streams = [store.delivered_times("box") for _ in range(4)]
+    for stream in streams:
+        assert next(stream)[0] == b"u1"  # four connections open together
+    assert len(store._all_readers) == 4
+    for stream in streams:
+        assert isinstance(stream, Generator)
+        stream.close()
+    assert len(store._readers) == 2
+    assert len(store._all_readers) == 2
