@@ -117,6 +117,7 @@ def test_a_poll_of_many_accounts_runs_on_few_threads(
     assert active[1] <= 4
     workers = [t for t in threading.enumerate() if t.name.startswith("popsync-run-")]
     assert len(workers) <= 5  # max_workers plus the one watching the queue
+    assert sched.shutdown(WAIT * 2)  # every run ended: nothing logs after the test
 
 
 def test_pool_keeps_order_and_starts_the_next_run_when_a_slot_lapses() -> None:
