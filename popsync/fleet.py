@@ -419,21 +419,25 @@ class FleetScheduler:
             if known:
                 self._failures[name] = failures
                 self._next[name] = datetime.now(UTC) + timedelta(seconds=due_in)
-            del self._active[name]
-            self._idle.notify_all()
-        self._wake.set()
         if failures:
             self._log.info(
                 "next run delayed",
                 account=name,
                 outcome=result.outcome,
                 failures=failures,
-                delay=round(delay, 3),
+                delay=round(due_in, 3),
             )
-        if known and self._on_delay is not None:
-            self._on_delay(result, delay)
-        if self._on_result is not None:
-            self._on_result(result)
+        try:
+            if known and self._on_delay is not None:
+                self._on_delay(result, delay)
+            if self._on_result is not None:
+                self._on_result(result)
+        finally:
+            # Only now: shutdown() waits for this, so results are reported before it returns.
+            with self._lock:
+                del self._active[name]
+                self._idle.notify_all()
+            self._wake.set()
 
     def _give_back(self, token: str, next_due_in: float | None) -> bool:
         """Release a lease; False when it was already gone (lost). Unreachable: it expires."""
