@@ -248,7 +248,10 @@ def test_kill_9_with_the_lmtp_spool_out_of_reach_refetches_exactly_once(
     fleet, recipients = _lmtp_fleet(
         locked_dovecot, lmtp_server, tmp_path, postgres.new_database("lmtp"), accounts=3, messages=6
     )
-    doomed = start_worker(start_daemon, fleet.config(0), at="pending", nth=2, batch=2)
+    # One run at a time: killed at its second batch, its first is fully committed (a batch
+    # handed over but not committed is the documented at-least-once window, not tested here).
+    doomed_config = fleet.config(0, max_workers=1)
+    doomed = start_worker(start_daemon, doomed_config, at="pending", nth=2, batch=2)
     doomed.wait_for(ev("registered accounts"))
     survivor = start_worker(start_daemon, fleet.config(1), batch=2)
     workers = [doomed, survivor]
