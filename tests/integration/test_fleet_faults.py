@@ -330,7 +330,7 @@ def test_postgresql_restart_mid_cycle_ends_runs_temporary_and_they_are_retried(
     postgres.restart()
     wait_until(
         lambda: fleet.all_delivered() and fleet.synced(workers) == set(fleet.accounts),
-        40,
+        90,  # a failed run is retried after its backoff (10 s) or lease expiry; slow when loaded
         "every message after the restart",
         workers,
     )
