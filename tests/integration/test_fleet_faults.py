@@ -160,17 +160,18 @@ def _assert_no_double_sync(workers: list[DaemonProcess], dovecot: Dovecot) -> No
     assert "in use" not in dovecot.log_file.read_text().lower()
 
 
-def test_two_workers_share_the_accounts_and_status_shows_the_leases(
+def test_two_workers_run_every_account_once_and_status_shows_the_leases(
     locked_dovecot: Dovecot, postgres: Postgres, tmp_path: Path, start_daemon: Start
 ) -> None:
-    """Two workers split eight accounts between them; each message arrives exactly once."""
+    """Two workers on eight accounts: every account runs, each message arrives once.
+
+    Which worker takes how many is a race (a fast worker may take all eight before the other
+    has started), so only exclusivity is asserted, not the split.
+    """
     fleet = Fleet(locked_dovecot, tmp_path, postgres.new_database("fleet"), accounts=8, messages=3)
     workers = [start_worker(start_daemon, fleet.config(i)) for i in range(2)]
     wait_until(lambda: fleet.synced(workers) == set(fleet.accounts), 30, "every run", workers)
     fleet.assert_exactly_once()
-    ran = [{e["account"] for e in w.find(ev("sync finished", outcome="ok"))} for w in workers]
-    assert ran[0], "worker 0 took accounts"
-    assert ran[1], "worker 1 took accounts"
 
     status = run_popsync(["status", "--json", "-c", str(fleet.config(0))])
     assert status.returncode == 0, status.stderr
