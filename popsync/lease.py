@@ -29,6 +29,7 @@ never touch PostgreSQL do not pay for the import.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import threading
@@ -401,6 +402,7 @@ class LeaseStore:
         from psycopg_pool import ConnectionPool
 
         self._secret = password
+        self._conninfo = conninfo
         # A transaction the server aborted for idling (see lease_seconds) is as temporary
         # as a dropped connection.
         self._errors: tuple[type[Exception], ...] = (
@@ -416,6 +418,10 @@ class LeaseStore:
             kwargs.update(keepalives=1, keepalives_idle=probe, keepalives_interval=probe)
             kwargs["keepalives_count"] = 3
             configure = _idle_limit(int(lease_seconds * 1000))
+        self._kwargs = kwargs
+        # The pool logs every failed reconnection attempt as a multi-line warning; the
+        # calls that fail say it once, as one line (see _reason).
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             conninfo,
             min_size=1,
@@ -477,7 +483,26 @@ class LeaseStore:
                     with contextlib.suppress(Exception):
                         conn.autocommit = False
         except self._errors as exc:
-            raise database_error(exc, self._secret) from exc
+            raise database_error(self._reason(exc), self._secret) from exc
+
+    def _reason(self, exc: Exception) -> Exception:
+        """For the pool's "timed out", the real reason when a direct connection fails too.
+
+        The pool keeps its connection errors to its own log; one direct attempt (bounded
+        by connect_timeout) recovers "connection refused" or "password authentication
+        failed" for the message.
+        """
+        from psycopg_pool import PoolTimeout
+
+        if not isinstance(exc, PoolTimeout):
+            return exc
+        import psycopg
+
+        try:
+            psycopg.connect(self._conninfo, **self._kwargs).close()
+        except psycopg.Error as direct:
+            return direct
+        return exc
 
     def register(self, accounts: Sequence[tuple[str, str]]) -> int:
         """Add ``(server, username)`` mailboxes that have no lease row yet; return how many."""

@@ -32,8 +32,9 @@ from tests.synchelp import (
 )
 
 KILLED = -9
-#: Runs popsync's main() with short leases, two-message batches, and a SIGSTOP of itself right
-#: after its STOP_AFTER-th mark_delivered commit (a worker paused mid-run: GC, VM migration).
+#: Runs popsync's main() with short leases (2 s database timeouts), two-message batches, and
+#: a SIGSTOP of itself right after its STOP_AFTER-th mark_delivered commit (a worker paused
+#: mid-run: GC, VM migration).
 _PAUSER = """
 import os, signal, sys
 import popsync.sync as sync
@@ -41,7 +42,7 @@ from popsync import pgstore
 sync.BATCH_MESSAGES = 2
 opener = pgstore.PgStore.open.__func__
 def short_leases(cls, *args, **kwargs):
-    kwargs.update(lease_seconds=float(os.environ["LEASE"]), renew_seconds=1.0)
+    kwargs.update(lease_seconds=float(os.environ["LEASE"]), renew_seconds=1.0, timeout=2.0)
     return opener(cls, *args, **kwargs)
 pgstore.PgStore.open = classmethod(short_leases)
 deliver = pgstore.PgStore.mark_delivered
@@ -276,3 +277,44 @@ def test_a_paused_once_is_taken_over_and_its_commits_refused(
     with psycopg.connect(dsn) as conn:
         runs = conn.execute("SELECT outcome, fetched FROM runs").fetchall()
     assert runs == [("ok", 4)]  # the taker's record; the resumed run's was refused
+
+
+def test_postgresql_stopped_during_a_run_is_exit_75_then_resumed(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path
+) -> None:
+    """PostgreSQL stops mid-run: the run ends 75 in one clean line; a later run finishes once."""
+    messages = [make_message(i) for i in range(4)]
+    dovecot.deliver_many(mail_user, messages)
+    maildir = tmp_path / "Maildir"
+    keys = dovecot_keys(dovecot, mail_user, maildir)
+    with private_postgres(password=DB_PASSWORD) as server:
+        url = f"postgresql://{server.user}:{DB_PASSWORD}@{server.host}:{server.port}/postgres"
+        config = write_pg_config(tmp_path / "popsync.toml", url, tmp_path / "state", keys)
+        run = subprocess.Popen(
+            [sys.executable, "-c", _PAUSER, "--once", "-c", str(config)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "LEASE": "30", "STOP_AFTER": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for("the run to stop itself", lambda: _state(run.pid) == "T")
+            server.stop()
+        finally:
+            os.kill(run.pid, signal.SIGCONT)
+            out, err = run.communicate(timeout=120)
+        assert run.returncode == 75, err
+        [summary] = [line for line in err.splitlines() if line.startswith("acct:")]
+        assert "PostgreSQL unavailable: connection failed" in summary, err
+        assert "Connection refused" in summary
+        assert "psycopg.pool" not in err  # no reconnection noise
+        assert "Traceback" not in out + err
+        assert DB_PASSWORD not in out + err
+        assert len(maildir_messages(maildir)) == 2  # the batch committed before the stop
+        server.start()  # same port
+        with psycopg.connect(url, autocommit=True) as conn:  # the dead run's lease: let go
+            conn.execute("UPDATE accounts_lease SET expires_at = clock_timestamp()")
+        again = run_popsync(["--once", "-c", str(config)])
+        assert again.returncode == 0, again.stderr
+    assert_exactly_once(maildir_messages(maildir), messages)
