@@ -8,8 +8,8 @@ one schema history, so leases, seen rows and runs migrate together under one adv
 Transactions: every mutating method is ONE transaction over the whole batch, sent as a few
 statements over arrays (``unnest``/``= ANY``) in chunks of `CHUNK` rows, never one statement
 per row: a 1M-row mailbox or 10,000 accounts cost round trips per chunk, not per UIDL. The
-planner's bulk reads (`PgStore.delivered_times`, `PgStore.other_rows`) stream through a
-server-side cursor, like SQLite's cursor.
+planner's bulk reads (`PgStore.delivered_times`, `PgStore.other_rows`) stream in chunks in
+one round trip (libpq's chunked-rows mode), like SQLite's cursor.
 
 Locks are leases. `PgStore.lock` claims the mailbox's lease in ``accounts_lease`` (LockBusy
 naming the holder if someone else's lease is live), renews it from a `popsync.lease.Renewer`
@@ -281,15 +281,11 @@ class PgStore:
             yield cast("EntryRow", (bytes(row[0]), *row[1:]))
 
     def _stream(self, sql: str, mailbox: str) -> Iterator[tuple[Any, ...]]:
-        """Rows through a server-side cursor; holds one pooled connection until exhausted."""
-        with (
-            self.leases.connection(autocommit=True) as conn,
-            conn.transaction(),
-            conn.cursor(name="popsync_stream", binary=True) as cursor,
-        ):
-            cursor.itersize = STREAM_BATCH
-            cursor.execute(sql.encode(), (mailbox,))
-            yield from cursor
+        """Rows in chunks of `STREAM_BATCH` as the server sends them (libpq's chunked-rows
+        mode): one round trip, no cursor or transaction to declare; holds one pooled
+        connection until exhausted or closed."""
+        with self.leases.connection(autocommit=True) as conn, conn.cursor(binary=True) as cur:
+            yield from cur.stream(sql.encode(), (mailbox,), size=STREAM_BATCH)
 
     def mailboxes(self) -> list[str]:
         """Every mailbox key with rows or a recorded run, sorted."""
@@ -427,8 +423,9 @@ class PgStore:
         A PostgreSQL store starts at the mailbox-keyed schema, so there is normally nothing
         to adopt; the check is one indexed probe.
         """
-        probe = "SELECT 1 FROM {} WHERE mailbox >= 'label:' AND mailbox < 'label;' LIMIT 1"
-        if not any(self._read(probe.format(t)) for t in ("seen", "runs")):
+        legacy = "SELECT 1 FROM {} WHERE mailbox >= 'label:' AND mailbox < 'label;'"
+        probe = f"SELECT EXISTS ({legacy.format('seen')}) OR EXISTS ({legacy.format('runs')})"
+        if not self._read(probe)[0][0]:
             return 0
         moved = 0
         with self._tx(None, fence) as conn:

@@ -262,3 +262,15 @@ def test_a_stopped_server_makes_calls_temporary_then_recovers(tmp_path: Path) ->
             assert store.entries(MAILBOX)[b"1"].state == "delivered"
         finally:
             store.close()
+
+
+def test_an_abandoned_stream_leaves_the_store_usable(opener: Callable[..., PgStore]) -> None:
+    """Closing a streamed read after one row of many returns a clean connection to the pool."""
+    store = opener()
+    store.mark_delivered(MAILBOX, [(f"{i:06d}".encode(), "f") for i in range(30_000)], at=1.0)
+    for _ in range(3):
+        stream = store.delivered_times(MAILBOX)
+        assert next(stream)[1] == 1.0
+        stream.close()
+    assert store.count(MAILBOX) == 30_000
+    assert sum(1 for _ in store.delivered_times(MAILBOX)) == 30_000
