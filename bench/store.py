@@ -1,6 +1,6 @@
 """Seen-store benchmark, SQLite against PostgreSQL (issue 13): ``python -m bench.store``.
 
-Options: ``--messages N`` (10,000), ``--rows N`` (100,000), ``--runs N`` (5).
+Options: ``--messages N`` (10,000), ``--rows N`` (100,000), ``--runs N`` (5), ``--bulk-only``.
 
 1. ``popsync --once`` with nothing new on an N x 4 KiB mailbox (bench scenario c's mailbox,
    POP3S on a private Dovecot), once per store after a first fetch: wall, CPU, peak RSS
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--bulk-only", action="store_true", help="skip the --once part")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="popsync-bench-store-"))
     os.chmod(root, 0o755)  # as root Dovecot's and PostgreSQL's users must traverse it
@@ -175,14 +176,17 @@ def main(argv: list[str] | None = None) -> int:
                 pg.execute(statement)
             pg.restart()
             pg.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            box = mailgen._fixed("c", args.messages, 4 * mailgen.KIB, 5)
-            user = dv.new_user("store")
-            _log(f"delivering {args.messages} messages")
-            dv.deliver_many(user, box.messages)
             results = {}
             for kind, store in (("sqlite", ""), ("postgresql", pg.new_database("once"))):
                 work = root / kind
                 work.mkdir()
+                if args.bulk_only:
+                    continue
+                if kind == "sqlite":
+                    box = mailgen._fixed("c", args.messages, 4 * mailgen.KIB, 5)
+                    user = dv.new_user("store")
+                    _log(f"delivering {args.messages} messages")
+                    dv.deliver_many(user, box.messages)
                 config = _config(
                     work / "popsync.toml", work / "state", work / "Maildir", dv, user, store
                 )
@@ -205,12 +209,16 @@ def _render(
     results: dict[str, tuple[list[Measurement], int, int | None]],
     bulk: dict[str, tuple[float, float]],
 ) -> str:
-    lines = [
-        f"`popsync --once`, nothing new, {args.messages:,} x 4 KiB, median of {args.runs}:",
-        "",
-        "| store | wall s | CPU s | peak RSS MiB | SQL statements | transactions |",
-        "|-------|-------:|------:|-------------:|---------------:|-------------:|",
-    ]
+    lines = (
+        []
+        if args.bulk_only
+        else [
+            f"`popsync --once`, nothing new, {args.messages:,} x 4 KiB, median of {args.runs}:",
+            "",
+            "| store | wall s | CPU s | peak RSS MiB | SQL statements | transactions |",
+            "|-------|-------:|------:|-------------:|---------------:|-------------:|",
+        ]
+    )
     for kind, (runs, statements, xacts) in results.items():
         wall = statistics.median(r.wall for r in runs)
         cpu = statistics.median(r.cpu for r in runs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import psycopg
@@ -271,6 +271,7 @@ def test_an_abandoned_stream_leaves_the_store_usable(opener: Callable[..., PgSto
     for _ in range(3):
         stream = store.delivered_times(MAILBOX)
         assert next(stream)[1] == 1.0
+        assert isinstance(stream, Generator)
         stream.close()
     assert store.count(MAILBOX) == 30_000
     assert sum(1 for _ in store.delivered_times(MAILBOX)) == 30_000
