@@ -289,7 +289,9 @@ class AccountScheduler:
         # APScheduler drops a run that is due while the account still runs (max_instances=1).
         # For the interval that is right (coalescing), but a SIGUSR1 poll must not be lost:
         # _repoll holds accounts polled mid-run, replayed when the run ends; _polled those
-        # whose poll is not served yet, retried if APScheduler skips it anyway.
+        # whose poll is not served yet, retried if APScheduler skips it anyway; _queued those
+        # submitted to a pool and not started yet (their run will serve a poll made now).
+        self._queued: set[str] = set()
         self._running: set[str] = set()
         self._repoll: set[str] = set()
         self._polled: set[str] = set()
@@ -421,6 +423,8 @@ class AccountScheduler:
         now = datetime.now(UTC)
         for name in self.accounts:
             with self._lock:
+                if name in self._queued:
+                    continue  # about to start: its listing comes after this poll
                 running = name in self._running
                 (self._repoll if running else self._polled).add(name)
             if not running:
@@ -430,8 +434,8 @@ class AccountScheduler:
         """APScheduler skipped a due run because the previous one had not quite ended."""
         name = event.job_id
         with self._lock:
-            if name not in self._polled:
-                return  # an interval tick during a long run: coalesced, as intended
+            if name not in self._polled or name in self._queued:
+                return  # coalesced: a run in progress, or one queued that serves the poll
             if name in self._running:
                 self._repoll.add(name)
                 return
@@ -453,9 +457,13 @@ class AccountScheduler:
         name = job.args[0]
         account = self.account(name)
         hold = account.login_timeout if account is not None else 0.0
+        with self._lock:
+            self._queued.add(name)
         return (self._failing if self._failures.get(name) else self._healthy), hold
 
     def _job(self, name: str) -> None:
+        with self._lock:
+            self._queued.discard(name)
         account = self.account(name)
         if account is None:  # removed by a reload while queued
             return

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 
 from popsync.config import Account, parse_config
 from popsync.scheduler import START_SPACING, AccountScheduler, _Pool, start_offset
@@ -155,3 +156,35 @@ def test_idle_pool_threads_end(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ran.wait(WAIT)
     _wait(lambda: pool.threads == 0)
     pool.close()
+
+
+def test_a_poll_of_queued_runs_does_not_spin(
+    tmp_path: Path, make_scheduler: Callable[..., AccountScheduler]
+) -> None:
+    """SIGUSR1 while runs wait in the pool's queue: no retry loop, each queued run runs once."""
+    release = threading.Event()
+    started: list[str] = []
+
+    def run(account: Account) -> RunResult:
+        started.append(account.name)
+        if account.name == "a" and len(started) == 1:
+            release.wait(WAIT)
+        return RunResult(account=account.name)
+
+    sched = make_scheduler(run, max_workers=1)
+    skipped: list[object] = []
+    sched._scheduler.add_listener(skipped.append, EVENT_JOB_MAX_INSTANCES)
+    accounts = _accounts(tmp_path, ["a", "b", "c"], interval="1h")
+    sched.set_accounts({"a": accounts["a"]})
+    sched.start()
+    _wait(lambda: started == ["a"])
+    sched.set_accounts(accounts)  # b and c are due at once, and queue behind a
+    _wait(lambda: sched._healthy._queue.__len__() == 2)
+    sched.poll_now()
+    time.sleep(0.5)
+    assert len(skipped) <= 2  # at most one per queued run, not one every 50 ms
+    release.set()
+    _wait(lambda: started.count("a") == 2)  # a was polled mid-run: it runs again
+    time.sleep(0.2)
+    assert started.count("b") == 1
+    assert started.count("c") == 1
