@@ -23,6 +23,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
 from urllib.parse import SplitResult, urlsplit
 
+from popsync.errors import LocalIOError
+
 if TYPE_CHECKING:
     from popsync.config import Config
     from popsync.seen import EntryRow, RunRecord, SeenEntry
@@ -156,6 +158,16 @@ def store_password(config: Config) -> str | None:
     return resolve_store_password(config.store_password_env, config.store_password_command)
 
 
+def _make_state_dir(state_dir: Path) -> None:
+    """Create ``state_dir`` (0700) as SQLite's open does; LocalIOError when it cannot be."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LocalIOError(
+            f"cannot create the state directory {state_dir}: {exc.strerror}"
+        ) from None
+
+
 def open_store(config: Config) -> Store:
     """Open the config's seen-store, adopting pre-v2 rows by label.
 
@@ -163,12 +175,19 @@ def open_store(config: Config) -> Store:
     another state directory, and as root in a state directory another user owns (see
     `popsync.owner`). PostgreSQL: ``store = "postgresql://…"`` (see `popsync.pgstore`).
     """
+    from popsync.owner import check_state_directory, refuse_foreign_root
+
+    # Both stores keep files in state_dir (SQLite's database; spools, OAuth2 tokens, locks
+    # and the daemon record in either mode), so both get its checks and its creation.
+    check_state_directory(config.state_dir)
+    refuse_foreign_root(config.state_dir, "state directory")
     store: Store
     if is_postgres_url(config.store):
         from popsync.lease import lease_timing
         from popsync.pgstore import PgStore
 
         assert config.store is not None  # is_postgres_url checked it
+        _make_state_dir(config.state_dir)
         lease_seconds, renew_seconds = lease_timing()
         store = PgStore.open(
             config.store,
@@ -180,11 +199,8 @@ def open_store(config: Config) -> Store:
             renew_seconds=renew_seconds,
         )
     else:
-        from popsync.owner import check_state_directory, refuse_foreign_root
         from popsync.seen import SeenStore
 
-        check_state_directory(config.state_dir)
-        refuse_foreign_root(config.state_dir, "state directory")
         store = SeenStore.open(config.state_dir / "popsync.sqlite3")
     try:
         store.adopt_labels({name: a.mailbox for name, a in config.accounts.items()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -101,6 +102,8 @@ def test_first_fetch_then_nothing_new(
     assert again.returncode == 0, again.stderr
     assert_exactly_once(maildir_messages(maildir), messages)
     assert not (state / "popsync.sqlite3").exists()  # nothing went to SQLite
+    # ... but state_dir exists as in SQLite mode (spools, tokens, the daemon record go there).
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert not (maildir / ".popsync-store").exists()  # a shared store claims no Maildir
     status = run_popsync(["status", "--json", "-c", str(config)])
     assert status.returncode == 0, status.stderr
