@@ -165,9 +165,7 @@ def test_quick_bench_verifies_every_run(bench_out: Path) -> None:
         install=False,
         command="pytest tests/unit/test_bench_smoke.py",
     )
-    t0 = time.monotonic()
     report = run_bench(opts)
-    elapsed = time.monotonic() - t0
     text = render(report)
     assert report.all_ok, text
     rows = {(s.name, r.tool): r for s in report.scenarios for r in s.rows}
@@ -182,7 +180,6 @@ def test_quick_bench_verifies_every_run(bench_out: Path) -> None:
     assert rows[("a", "naive-poplib")].verdicts == ["OK"]
     assert 0 < rows[("a", "mpop")].runs[0].maxrss_kib < 30 * 1024  # not the harness's RSS
     assert "| mpop |" in text
-    assert elapsed < 60
 
 
 @pytest.mark.dovecot
