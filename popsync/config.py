@@ -227,6 +227,29 @@ def _checks_failed(problems: list[tuple[str, str]]) -> PydanticCustomError:
     )
 
 
+def _env_name(value: str | None) -> str | None:
+    """A ``*password_env`` key: a variable name. Never echoed: it may be a password by mistake."""
+    if value is not None and not _ENV_NAME_RE.fullmatch(value):
+        raise ValueError(
+            "not an environment variable name (letters, digits and '_'; the value is not "
+            "shown in case it is a password put here by mistake)"
+        )
+    return value
+
+
+def _command_line(value: str | None) -> str | None:
+    """A ``*password_command`` key: a non-empty command line that shlex can split."""
+    if value is None:
+        return value
+    try:
+        argv = shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"cannot split into arguments: {exc}") from None
+    if not argv:
+        raise ValueError("must not be empty")
+    return value
+
+
 class Account(BaseModel):
     """One POP3 account, with every default applied."""
 
@@ -315,15 +338,7 @@ class Account(BaseModel):
     @field_validator("password_command")
     @classmethod
     def _check_command(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            argv = shlex.split(value)
-        except ValueError as exc:
-            raise ValueError(f"cannot split into arguments: {exc}") from None
-        if not argv:
-            raise ValueError("must not be empty")
-        return value
+        return _command_line(value)
 
     @field_validator("lmtp")
     @classmethod
@@ -361,13 +376,7 @@ class Account(BaseModel):
     @field_validator("password_env")
     @classmethod
     def _check_env_name(cls, value: str | None) -> str | None:
-        # The value is never shown: a password put here by mistake must not be echoed.
-        if value is not None and not _ENV_NAME_RE.fullmatch(value):
-            raise ValueError(
-                "not an environment variable name (letters, digits and '_'; the value is not "
-                "shown in case it is a password put here by mistake)"
-            )
-        return value
+        return _env_name(value)
 
     @field_validator("oauth2_token_url", "oauth2_device_url", "oauth2_auth_url")
     @classmethod
@@ -599,25 +608,12 @@ class _Settings(BaseModel):
     @field_validator("store_password_env")
     @classmethod
     def _check_store_env(cls, value: str | None) -> str | None:
-        if value is not None and not _ENV_NAME_RE.fullmatch(value):
-            raise ValueError(
-                "not an environment variable name (letters, digits and '_'; the value is not "
-                "shown in case it is a password put here by mistake)"
-            )
-        return value
+        return _env_name(value)
 
     @field_validator("store_password_command")
     @classmethod
     def _check_store_command(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            argv = shlex.split(value)
-        except ValueError as exc:
-            raise ValueError(f"cannot split into arguments: {exc}") from None
-        if not argv:
-            raise ValueError("must not be empty")
-        return value
+        return _command_line(value)
 
     @field_validator("worker_id")
     @classmethod
