@@ -118,6 +118,7 @@ def test_sigkill_at_each_step_of_a_spooled_delivery(
     kind: str,
     step: str,
     nth: int,
+    record_property: Callable[[str, object], None],
 ) -> None:
     """Kill at this step, then a normal run: no loss; duplicates only in the named window."""
     if kind == "mda" and not Path("/usr/bin/maildrop").exists():
@@ -147,6 +148,7 @@ def test_sigkill_at_each_step_of_a_spooled_delivery(
     assert not want - got, "lost"
     assert not got - want - want, "unexpected content"
     duplicates = sum((got - want).values())
+    record_property("duplicates", duplicates)  # --junitxml shows the measured window
     # The measured window: what the agent had accepted when the commit was lost.
     assert duplicates == (0 if kind == "mbox" else window), (kind, step, duplicates, window)
     assert 0 <= window <= BATCH, (kind, step, window)
