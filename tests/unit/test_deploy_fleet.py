@@ -186,6 +186,19 @@ def test_secrets_reach_the_worker_only_through_the_secret() -> None:
         assert "password" not in account
 
 
+def test_configmap_config_is_a_valid_fleet_config() -> None:
+    """popsync's own parser accepts the ConfigMap's config: PostgreSQL store, LMTP delivery."""
+    from popsync.config import parse_config
+
+    text = _object("ConfigMap", "popsync-config")["data"]["config.toml"]
+    config = parse_config(text, "deploy/kubernetes/configmap.yaml")
+    assert config.store is not None
+    assert config.store.startswith("postgresql://")
+    assert config.warnings == ()
+    assert config.accounts
+    assert {a.deliver for a in config.accounts.values()} == {"lmtp"}
+
+
 def test_store_url_matches_the_postgres_example() -> None:
     """The config's store names the Service, port, role and database postgres.yaml creates."""
     store = urlsplit(_fleet_config()["store"])
