@@ -21,6 +21,7 @@ every Maildir is verified at the end of each mode.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import shutil
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from devtools.dovecot import MailUser
     from devtools.postgres import Postgres
 
-__all__ = ["Cycle", "Fleet", "PgLoad", "PgProbe", "run_fleet"]
+__all__ = ["Cycle", "Fleet", "PerPoll", "PgLoad", "PgProbe", "capacity", "run_fleet"]
 
 ACCOUNTS = 2_000
 QUICK_ACCOUNTS = 12
@@ -406,8 +407,12 @@ def _mode(
     store: str | None,
     probe: PgProbe | None,
     new_index: int,
-) -> None:
-    """Run one mode (first fetch, nothing-new cycles, one new-mail cycle) into fresh Maildirs."""
+) -> tuple[Cycle | None, Cycle | None]:
+    """Run one mode (first fetch, nothing-new cycles, one new-mail cycle) into fresh Maildirs.
+
+    Return the median nothing-new cycle (by wall time) and the idle window (fleet mode), or
+    None for what failed or did not run.
+    """
     opts = bench.opts
     base = bench.storage.path / "fleet" / label.partition(",")[0]
     shutil.rmtree(base, ignore_errors=True)
@@ -426,6 +431,8 @@ def _mode(
                   account_key=opts.account_key)  # fmt: skip
     n = len(acc.names)
     spread: list[str] = []
+    quiet: list[Cycle] = []
+    idle: Cycle | None = None
     try:
         fleet.wait_ready()
         t0, cpu0 = time.perf_counter(), fleet.cpu()
@@ -436,11 +443,13 @@ def _mode(
             first = fleet.cycle(acc.names, probe)
         _add(result, f"{label}: first fetch, {INITIAL} each", first, n * INITIAL, fleet)
         if probe is not None:  # first: the cycles below subtract this idle load
-            _add(result, f"{label}: idle {_IDLE_WINDOW:.0f} s, nothing due",
-                 fleet.idle(probe), 0, fleet)  # fmt: skip
+            idle = fleet.idle(probe)
+            _add(result, f"{label}: idle {_IDLE_WINDOW:.0f} s, nothing due", idle, 0, fleet)
         for _ in range(opts.runs):
             c = fleet.cycle(acc.names, probe)
             _add(result, f"{label}: nothing new", c, 0, fleet)
+            if not c.failures:
+                quiet.append(c)
             spread.append("/".join(str(c.per_worker.get(d.label, 0)) for d in fleet.daemons))
         acc.add_new(bench, new_index)
         c = fleet.cycle(acc.names, probe)
@@ -458,6 +467,8 @@ def _mode(
             + (f"; accounts per worker in the nothing-new cycles: {', '.join(spread)}"
                if workers > 1 and spread else "")
         )  # fmt: skip
+    quiet.sort(key=lambda c: c.wall)
+    return (quiet[len(quiet) // 2] if quiet else None), idle
 
 
 def _add(result: ScenarioResult, name: str, c: Cycle, messages: int, fleet: Fleet) -> None:
@@ -493,14 +504,14 @@ def run_fleet(bench: Bench) -> ScenarioResult:
         return result
     acc = _make_accounts(bench, QUICK_ACCOUNTS if opts.quick else ACCOUNTS)
     load = os.getloadavg()
-    _mode(bench, result, acc, label="sqlite, 1 daemon", workers=1, store=None, probe=None,
-          new_index=0)  # fmt: skip
+    single, _ = _mode(bench, result, acc, label="sqlite, 1 daemon", workers=1, store=None,
+                      probe=None, new_index=0)  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="popsync-bench-pg-"))
     pg, dsn = _start_postgres(root)
     probe = PgProbe(pg, _DB)
     try:
-        _mode(bench, result, acc, label=f"postgresql, {WORKERS} workers", workers=WORKERS,
-              store=dsn, probe=probe, new_index=1)  # fmt: skip
+        pooled, idle = _mode(bench, result, acc, label=f"postgresql, {WORKERS} workers",
+                             workers=WORKERS, store=dsn, probe=probe, new_index=1)  # fmt: skip
     finally:
         probe.close()
         pg.stop()
@@ -512,4 +523,89 @@ def run_fleet(bench: Bench) -> ScenarioResult:
         "(fsync off, as in the tests) on the same 2 cores; load average at the start "
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
     )
+    if pooled is not None and idle is not None:
+        costs = PerPoll.measure(pooled, idle, len(acc.names), WORKERS, single)
+        result.notes += costs.describe()
+        for accounts in (100_000, 1_000_000):
+            result.notes += capacity(costs, accounts)
     return result
+
+
+# ---------------------------------------------------------------------------- capacity model
+
+#: The polling interval the model sizes for, seconds.
+INTERVAL = 300.0
+#: Assumed wall time of one poll of a real remote server (TLS handshake and about six round
+#: trips at 50-100 ms RTT): what sets how many runs are in flight at once.
+POLL_SECONDS = 1.0
+#: Cores per machine, and the share of them the model plans to use (headroom for takeovers).
+CORES, UTILISATION = 2, 0.5
+#: Run slots per worker process in the model.
+SLOTS = 64
+
+
+@dataclass(frozen=True)
+class PerPoll:
+    """What one account poll with nothing new costs in fleet mode, from one measured cycle."""
+
+    cpu: float  # popsync CPU seconds
+    db: PgLoad  # database work (commits, statements, tuples, PostgreSQL CPU seconds)
+    idle: PgLoad  # database work per second per idle worker (its claim loop)
+    connections: float  # database connections per run slot at the cycle's peak
+    sqlite_cpu: float | None = None  # the same poll on one daemon with SQLite
+
+    @classmethod
+    def measure(
+        cls, cycle: Cycle, idle: Cycle, accounts: int, workers: int, single: Cycle | None
+    ) -> PerPoll:
+        """Divide a nothing-new cycle of ``accounts`` polls by ``workers`` workers."""
+        return cls(
+            cpu=cycle.cpu / accounts,
+            db=cycle.db.scaled(1 / accounts),
+            idle=idle.db.scaled(1 / (idle.wall * workers)),
+            connections=cycle.peak_connections / (workers * MAX_WORKERS),
+            sqlite_cpu=single.cpu / accounts if single is not None else None,
+        )
+
+    def describe(self) -> list[str]:
+        """The per-poll costs as report lines."""
+        d, i = self.db, self.idle
+        base = f" (SQLite, one daemon: {self.sqlite_cpu * 1e3:.1f} ms)" if self.sqlite_cpu else ""
+        return [
+            f"per poll, nothing new, fleet mode: popsync CPU {self.cpu * 1e3:.1f} ms{base}; "
+            f"database {d.commits:.1f} commits, {d.statements:.1f} statements, "
+            f"{d.tuples_read:.0f} tuples read, {d.tuples_written:.1f} written, PostgreSQL CPU "
+            f"{d.cpu * 1e3:.1f} ms; {self.connections:.2f} connections per run slot at peak",
+            f"per idle worker and second (claim loop, nothing due): {i.commits:.1f} commits, "
+            f"{i.statements:.1f} statements, {i.tuples_read:.0f} tuples read, PostgreSQL CPU "
+            f"{i.cpu * 1e3:.1f} ms",
+        ]
+
+
+def capacity(c: PerPoll, accounts: int) -> list[str]:
+    """Machines and database connections for ``accounts`` at :data:`INTERVAL`, arithmetic shown."""
+    polls = accounts / INTERVAL
+    cores = polls * c.cpu
+    machines = max(1, math.ceil(cores / (CORES * UTILISATION)))
+    in_flight = polls * POLL_SECONDS
+    processes = max(machines * CORES, math.ceil(in_flight / SLOTS))
+    slots = math.ceil(in_flight / processes)
+    connections = math.ceil(processes * slots * c.connections)
+    ceiling = processes * (2 * slots + 2)
+    commits = polls * c.db.commits + processes * c.idle.commits
+    statements = polls * c.db.statements + processes * c.idle.statements
+    pg_cores = polls * c.db.cpu + processes * c.idle.cpu
+    n = f"{accounts:,}"
+    return [
+        f"{n} accounts / {INTERVAL:.0f} s = {polls:,.0f} polls/s; x {c.cpu * 1e3:.1f} ms CPU = "
+        f"{cores:.1f} cores -> {machines} machine(s) of {CORES} cores at "
+        f"{UTILISATION:.0%} ({processes} worker processes)",
+        f"{n}: in flight {polls:,.0f} polls/s x {POLL_SECONDS:.1f} s = {in_flight:,.0f} runs -> "
+        f"max_workers = {slots} per process; connections {processes} x {slots} x "
+        f"{c.connections:.2f} = {connections:,} (pool ceiling {processes} x (2 x {slots} + 2) "
+        f"= {ceiling:,})",
+        f"{n}: database {polls:,.0f} x {c.db.commits:.1f} + {processes} x "
+        f"{c.idle.commits:.1f} = {commits:,.0f} commits/s, {statements:,.0f} statements/s, "
+        f"PostgreSQL CPU {polls:,.0f} x {c.db.cpu * 1e3:.1f} ms + {processes} x "
+        f"{c.idle.cpu * 1e3:.1f} ms = {pg_cores:.1f} cores",
+    ]

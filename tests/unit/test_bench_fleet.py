@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.fleet import Fleet, PgLoad, PgProbe, _PeakSampler, _start_postgres
+from bench.fleet import (
+    Cycle,
+    Fleet,
+    PerPoll,
+    PgLoad,
+    PgProbe,
+    _PeakSampler,
+    _start_postgres,
+    capacity,
+)
 from devtools.postgres import postgres_available
 from tests.conftest import unavailable
 
@@ -98,6 +107,36 @@ def test_pg_load_difference() -> None:
     """Subtracting two snapshots subtracts every counter."""
     later = PgLoad(10, 2, 30, 400, 50, 1.5)
     assert later - PgLoad(4, 1, 10, 100, 20, 0.5) == PgLoad(6, 1, 20, 300, 30, 1.0)
+
+
+def test_per_poll_costs_divide_a_cycle_by_its_polls() -> None:
+    """Per-poll costs: the cycle over its accounts; idle load per worker and second."""
+    cycle = Cycle(4.0, 20.0, [], {}, PgLoad(20_000, 0, 40_000, 1e6, 10_000, 8.0), 32)
+    idle = Cycle(20.0, 0.1, [], {}, PgLoad(160, 0, 240, 4000, 0, 0.16), 16)
+    costs = PerPoll.measure(cycle, idle, 2000, 4, Cycle(3.0, 10.0, [], {}))
+    assert costs.cpu == pytest.approx(0.01)
+    assert costs.sqlite_cpu == pytest.approx(0.005)
+    assert costs.db == PgLoad(10, 0, 20, 500, 5, 0.004)
+    assert costs.idle == PgLoad(2, 0, 3, 50, 0, 0.002)
+    assert costs.connections == pytest.approx(1.0)  # 32 connections / (4 workers x 8 slots)
+    assert "popsync CPU 10.0 ms (SQLite, one daemon: 5.0 ms)" in costs.describe()[0]
+
+
+def test_capacity_model_arithmetic() -> None:
+    """100,000 accounts at 5 min with known per-poll costs give the hand-computed sizing."""
+    costs = PerPoll(0.01, PgLoad(10, 0, 20, 500, 5, 0.004), PgLoad(2, 0, 3, 100, 0, 0.001), 1.0)
+    lines = capacity(costs, 100_000)
+    # 333 polls/s x 10 ms = 3.3 cores -> 4 two-core machines at 50 %, 8 processes
+    assert "= 333 polls/s; x 10.0 ms CPU = 3.3 cores -> 4 machine(s)" in lines[0]
+    assert "(8 worker processes)" in lines[0]
+    # 333 runs in flight over 8 processes: 42 slots each, 336 connections (ceiling 8 x 86)
+    assert "max_workers = 42 per process; connections 8 x 42 x 1.00 = 336" in lines[1]
+    assert "= 688)" in lines[1]
+    # 333 x 10 + 8 x 2 commits/s; 333 x 4 ms + 8 x 1 ms of PostgreSQL CPU
+    assert "= 3,349 commits/s, 6,691 statements/s" in lines[2]
+    assert lines[2].endswith("= 1.3 cores")
+    big = capacity(costs, 1_000_000)
+    assert "= 3,333 polls/s; x 10.0 ms CPU = 33.3 cores -> 34 machine(s)" in big[0]
 
 
 @pytest.mark.postgres
