@@ -197,6 +197,8 @@ class Fleet:
         self.account_key = account_key
         #: The database's load per second with nothing due (set by :meth:`idle`).
         self.idle_rate = PgLoad()
+        self._held: list[dict[str, object]] = []
+        self.ready_at = 0.0
 
     def cpu(self) -> float:
         """CPU seconds every daemon used so far."""
@@ -212,7 +214,11 @@ class Fleet:
                 raise TimeoutError(f"daemon {d.label} exited with {d.proc.returncode}")
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Wait for every daemon's ready line (lines of other kinds are dropped)."""
+        """Wait for every daemon's ready line; :attr:`ready_at` is when the first came.
+
+        Other lines that arrive meanwhile (a worker that is ready first starts syncing) are
+        kept for :meth:`wait_cycle`.
+        """
         waiting = {d.label for d in self.daemons}
         deadline = time.monotonic() + timeout
         while waiting:
@@ -221,8 +227,18 @@ class Fleet:
                 raise TimeoutError(f"daemons {sorted(waiting)} not ready within {timeout} s")
             with contextlib.suppress(queue.Empty):
                 obj = self.lines.get(timeout=0.5)
-                if obj.get("event") == self.daemons[0].ready_event:
-                    waiting.discard(str(obj.get(WORKER_KEY)))
+                if obj.get("event") != self.daemons[0].ready_event:
+                    self._held.append(obj)
+                    continue
+                if len(waiting) == len(self.daemons):
+                    self.ready_at = time.perf_counter()
+                waiting.discard(str(obj.get(WORKER_KEY)))
+
+    def _next(self, timeout: float) -> dict[str, object]:
+        """The next log line: first those held back by :meth:`wait_ready`; queue.Empty if none."""
+        if self._held:
+            return self._held.pop(0)
+        return self.lines.get(timeout=timeout)
 
     def wait_cycle(
         self, accounts: set[str], timeout: float, first_timeout: float | None = None
@@ -243,7 +259,7 @@ class Fleet:
                 raise TimeoutError(f"no {self.finished_event!r} for {len(pending)} account(s)")
             self._check_alive()
             try:
-                obj = self.lines.get(timeout=0.5)
+                obj = self._next(0.5)
             except queue.Empty:
                 continue
             event, account = obj.get("event"), str(obj.get(self.account_key))
@@ -260,6 +276,7 @@ class Fleet:
         return last, failures, dict(per_worker)
 
     def _drain(self) -> None:
+        self._held.clear()
         while not self.lines.empty():
             self.lines.get_nowait()
 
@@ -435,7 +452,7 @@ def _mode(
     idle: Cycle | None = None
     try:
         fleet.wait_ready()
-        t0, cpu0 = time.perf_counter(), fleet.cpu()
+        t0, cpu0 = fleet.ready_at, fleet.cpu()
         try:  # the start-up cycle: every account is new, hence due
             t1, failures, per_worker = fleet.wait_cycle(acc.names, 900, first_timeout=5)
             first = Cycle(t1 - t0, fleet.cpu() - cpu0, failures, per_worker)

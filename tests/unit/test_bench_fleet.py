@@ -25,16 +25,23 @@ from tests.conftest import unavailable
 
 __all__: list[str] = []
 
-# A fake worker: "ready", then after each (delay, account) pair one "sync finished" line.
+# A fake worker: "ready", then one "sync finished" line per argument (a "!" prefix: "sync
+# failed"). "+PATH" creates that file; "?PATH" waits until it exists (to order two workers).
 _FAKE_WORKER = """
-import json, signal, sys, time
+import json, os, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 print(json.dumps({"event": "daemon started"}), flush=True)
 for item in sys.argv[1:]:
-    delay, account = item.split(":")
-    time.sleep(float(delay))
-    event = "sync failed" if account.startswith("!") else "sync finished"
-    print(json.dumps({"event": event, "account": account.lstrip("!"), "error": "boom"}),
+    if item.startswith("+"):
+        open(item[1:], "w").close()
+        continue
+    if item.startswith("?"):
+        while not os.path.exists(item[1:]):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        continue
+    event = "sync failed" if item.startswith("!") else "sync finished"
+    print(json.dumps({"event": event, "account": item.lstrip("!"), "error": "boom"}),
           flush=True)
 while True:
     time.sleep(0.05)
@@ -64,7 +71,7 @@ class _Scripted(Fleet):
 
 def test_wait_cycle_merges_workers_and_counts_each_workers_share(tmp_path: Path) -> None:
     """Finished lines from every worker complete one cycle; the per-worker split is counted."""
-    fleet = _Scripted(tmp_path, [["0.1:a", "0.1:b"], ["0.1:c", "0.1:!d"]])
+    fleet = _Scripted(tmp_path, [["a", "b"], ["c", "!d"]])
     try:
         fleet.wait_ready(timeout=20)
         t0 = time.perf_counter()
@@ -81,7 +88,11 @@ def test_wait_cycle_merges_workers_and_counts_each_workers_share(tmp_path: Path)
 
 def test_wait_cycle_reports_an_account_synced_twice(tmp_path: Path) -> None:
     """Two workers finishing the same account in one cycle is a failure, named by account."""
-    fleet = _Scripted(tmp_path, [["0.1:a", "1.0:b"], ["0.4:a"]])
+    first, second = tmp_path / "w0-did-a", tmp_path / "w1-did-a"
+    # w0 syncs a; then w1 syncs a too; then w0 syncs b: the cycle is still open for w1's a.
+    fleet = _Scripted(
+        tmp_path, [["a", f"+{first}", f"?{second}", "b"], [f"?{first}", "a", f"+{second}"]]
+    )
     try:
         fleet.wait_ready(timeout=20)
         _, failures, per_worker = fleet.wait_cycle({"a", "b"}, timeout=20)
@@ -93,7 +104,7 @@ def test_wait_cycle_reports_an_account_synced_twice(tmp_path: Path) -> None:
 
 def test_wait_cycle_fails_when_a_worker_dies(tmp_path: Path) -> None:
     """A worker that exits mid-cycle ends the wait with an error instead of a hang."""
-    fleet = _Scripted(tmp_path, [["0.1:a"], []])
+    fleet = _Scripted(tmp_path, [["a"], []])
     try:
         fleet.wait_ready(timeout=20)
         fleet.daemons[1].proc.kill()
