@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from popsync import stall
 from popsync.backoff import next_delay
 from popsync.errors import ExitCode, PopsyncError
 from popsync.lease import (
@@ -52,7 +53,8 @@ from popsync.lease import (
     mailbox_key,
     mailbox_of,
 )
-from popsync.scheduler import HEARTBEAT_EVERY, stall_limit
+from popsync.scheduler import HEARTBEAT_EVERY
+from popsync.stall import stall_limit
 
 if TYPE_CHECKING:
     from popsync.config import Account
@@ -197,19 +199,15 @@ class FleetScheduler:
 
     def note_activity(self, name: str) -> None:
         """A sign of life from ``name``'s run; cheap, called per read."""
-        active = self._active.get(name)
-        if active is not None:
-            active.last = time.monotonic()
+        stall.note_activity(self._active, name)
 
     def stalled(self) -> list[str]:
         """Accounts whose run has been silent for longer than its stall limit."""
-        now = time.monotonic()
-        return sorted(n for n, a in list(self._active.items()) if now - a.last > a.limit)
+        return stall.stalled(self._active)
 
     def making_progress(self) -> bool:
         """False only when runs are in progress and every one of them is stalled."""
-        runs = len(self._active)
-        return runs == 0 or len(self.stalled()) < runs
+        return stall.making_progress(self._active)
 
     # --------------------------------------------------------------------- accounts
     @property

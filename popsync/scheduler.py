@@ -64,9 +64,11 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from popsync import stall
 from popsync.backoff import next_delay
 from popsync.errors import ExitCode
 from popsync.logconfig import HEARTBEAT_JOB
+from popsync.stall import stall_limit
 
 if TYPE_CHECKING:
     from apscheduler.job import Job
@@ -111,16 +113,6 @@ def start_offset(name: str, interval: float, starting: int) -> float:
     window = min(interval, starting * START_SPACING)
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return window * int.from_bytes(digest, "big") / 2**64
-
-
-def stall_limit(account: Account) -> float:
-    """Seconds a run may show no sign of life before it counts as stalled.
-
-    Twice the longest wait popsync's own limits allow (the timeout of one read, the login
-    budget, the minimum-rate window): a run silent for longer is not waiting for a slow
-    server, it is stuck somewhere no timeout reaches (a hung file system, a bug).
-    """
-    return 2 * max(account.timeout, account.login_timeout, account.low_speed_time)
 
 
 class _Pool:
@@ -356,19 +348,15 @@ class AccountScheduler:
 
     def note_activity(self, name: str) -> None:
         """A sign of life from ``name``'s run (data arrived); cheap, called per read."""
-        run = self._runs.get(name)
-        if run is not None:
-            run.last = time.monotonic()
+        stall.note_activity(self._runs, name)
 
     def stalled(self) -> list[str]:
         """Accounts whose run has been silent for longer than :func:`stall_limit`."""
-        now = time.monotonic()
-        return sorted(n for n, r in list(self._runs.items()) if now - r.last > r.limit)
+        return stall.stalled(self._runs)
 
     def making_progress(self) -> bool:
         """False only when runs are in progress and every one of them is stalled."""
-        runs = len(self._runs)
-        return runs == 0 or len(self.stalled()) < runs
+        return stall.making_progress(self._runs)
 
     # --------------------------------------------------------------------- accounts
     @property
