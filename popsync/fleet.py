@@ -146,6 +146,7 @@ class FleetScheduler:
         self._claim_every = min(claim_every, heartbeat_every)
         self._accounts: dict[str, Account] = {}
         self._by_mailbox: dict[str, str] = {}
+        self._foreign: set[str] = set()  # other configs' accounts: never claimed
         self._failures: dict[str, int] = {}
         self._next: dict[str, datetime] = {}
         self._active: dict[str, _Active] = {}
@@ -298,9 +299,14 @@ class FleetScheduler:
             known = list(self._by_mailbox)
         if register:
             added = self._leases.register(keys)
+            # Other configs' accounts, left out of every claim (see LeaseStore.claim_due).
+            foreign = set(self._leases.foreign(known))
             with self._lock:
                 self._register = False
-            self._log.info("registered accounts", accounts=len(keys), new=added)
+                self._foreign = foreign
+            self._log.info(
+                "registered accounts", accounts=len(keys), new=added, foreign=len(foreign)
+            )
         if poll:
             moved = self._leases.make_due(known)
             with self._lock:
@@ -310,10 +316,11 @@ class FleetScheduler:
     def _claim(self) -> tuple[list[Lease], int]:
         with self._lock:
             free = self._max_workers - len(self._active)
-            known = list(self._by_mailbox)
-        if free <= 0 or not known:
+            anything = bool(self._by_mailbox)
+            foreign = list(self._foreign)
+        if free <= 0 or not anything:
             return [], free
-        leases = self._leases.claim_due(self.worker_id, free, self._lease_seconds, known=known)
+        leases = self._leases.claim_due(self.worker_id, free, self._lease_seconds, exclude=foreign)
         return leases, free
 
     def _database_down(self, exc: BaseException, *, unexpected: bool = False) -> None:
@@ -347,7 +354,10 @@ class FleetScheduler:
                     name, lease, threading.Event(), time.monotonic(), stall_limit(account)
                 )
                 self._active[name] = active
-        if account is None:  # removed by a reload meanwhile: give it back untouched
+        if account is None:  # another config's, or removed by a reload: give it back untouched
+            if name is None:
+                with self._lock:  # registered by another worker since our registration
+                    self._foreign.add(mailbox)
             self._give_back(lease.token, None)
             return
         self._renewer.add(lease.token)

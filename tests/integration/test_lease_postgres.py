@@ -226,6 +226,18 @@ def test_claim_due_takes_only_the_accounts_a_worker_knows(store: LeaseStore) -> 
     assert [x.username for x in store.claim_due("b", limit=10)] == ["alice"]
 
 
+def test_claim_due_leaves_out_foreign_accounts(store: LeaseStore) -> None:
+    """foreign() names the other configs' accounts; a claim excluding them never takes one."""
+    store.register([(SERVER, "alice"), (SERVER, "bob"), (SERVER, "carol")])
+    mine = [mailbox_of(SERVER, "bob")]
+    foreign = store.foreign(mine)
+    assert sorted(foreign) == sorted([mailbox_of(SERVER, "alice"), mailbox_of(SERVER, "carol")])
+    [lease] = store.claim_due("a", limit=10, exclude=foreign)
+    assert lease.username == "bob"
+    assert store.claim_due("a", limit=10, exclude=foreign) == []
+    assert sorted(x.username for x in store.claim_due("b", limit=10)) == ["alice", "carol"]
+
+
 def test_make_due_and_overview(store: LeaseStore) -> None:
     """make_due moves only the named accounts; overview shows holder, expiry and due time."""
     store.register([(SERVER, "alice"), (SERVER, "bob")])
