@@ -32,6 +32,7 @@ import fcntl
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -108,9 +109,27 @@ def _stale(lock: Path) -> bool:
 def _dotlock(mbox: Path, wait: float = LOCK_WAIT) -> Iterator[None]:
     lock = mbox.with_name(mbox.name + ".lock")
     deadline = time.monotonic() + wait
+    # The lock is linked from a file already holding "PID:HOST", so it is never seen empty:
+    # an empty lock (a kill between create and write) could only be judged stale by age.
+    own = mbox.with_name(f".{mbox.name}.lock.{os.getpid()}.{threading.get_ident()}")
+    try:
+        own.write_text(f"{os.getpid()}:{os.uname().nodename}\n", "ascii")  # as Dovecot writes
+    except OSError as exc:
+        raise LocalIOError(f"cannot create {own}: {exc.strerror}") from exc
+    try:
+        _link_lock(own, lock, mbox, deadline, wait)
+    finally:
+        unlink_quiet(own)
+    try:
+        yield
+    finally:
+        unlink_quiet(lock)
+
+
+def _link_lock(own: Path, lock: Path, mbox: Path, deadline: float, wait: float) -> None:
     while True:
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.link(own, lock)
         except FileExistsError:
             with contextlib.suppress(FileNotFoundError):
                 if _stale(lock):
@@ -122,13 +141,7 @@ def _dotlock(mbox: Path, wait: float = LOCK_WAIT) -> Iterator[None]:
             continue
         except OSError as exc:
             raise LocalIOError(f"cannot create {lock}: {exc.strerror}") from exc
-        os.write(fd, f"{os.getpid()}:{os.uname().nodename}\n".encode())  # as Dovecot writes
-        os.close(fd)
-        break
-    try:
-        yield
-    finally:
-        unlink_quiet(lock)
+        return
 
 
 class MboxTarget(SpoolTarget):
