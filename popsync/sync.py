@@ -962,7 +962,7 @@ def sync_account(
                         " of the mailbox is synced next run"
                     )
     except Exception as exc:  # every failure becomes a RunResult
-        _fail(result, exc, during_login)
+        _fail(result, _lease_cause(exc, fence), during_login)
     result.duration = time.monotonic() - started
     _log_result(log, result)
     try:
@@ -970,6 +970,22 @@ def sync_account(
     except Exception as exc:  # a full disk must not hide the outcome
         log.error("could not record run", error=str(exc))
     return result
+
+
+def _lease_cause(exc: Exception, fence: Callable[[], None] | None) -> Exception:
+    """In fleet mode, a run that failed after losing its lease failed because of that.
+
+    A worker paused past its lease resumes mid-hand-over and finds, say, the tmp file it
+    was about to deliver already recovered by the new owner; that error is a symptom, and
+    the run must end as the lease loss it is (temporary), not as a local I/O error.
+    """
+    if fence is None:
+        return exc
+    try:
+        fence()
+    except PopsyncError as cause:  # LeaseLost, or the database unreachable: both temporary
+        return cause
+    return exc
 
 
 def _secret(account: Account, store: Store) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from popsync.errors import ConfigError
+from popsync.errors import ConfigError, ExitCode
 from popsync.lease import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_RENEW_SECONDS,
@@ -39,3 +39,24 @@ def test_lease_timing_refuses_a_lease_renewed_too_rarely(
     with pytest.raises(ConfigError) as caught:
         lease_timing({LEASE_SECONDS_ENV: lease, RENEW_SECONDS_ENV: renew})
     assert caught.value.problems[0].startswith(problem)
+
+
+def test_a_run_failing_after_its_lease_was_lost_ends_as_the_lease_loss() -> None:
+    """A symptom of the takeover (the new owner moved a tmp file) is reported as the loss."""
+    from popsync.errors import LocalIOError
+    from popsync.lease import LeaseLost
+    from popsync.sync import _lease_cause
+
+    symptom = LocalIOError("cannot move tmp/1.x to new/: No such file or directory")
+    lost = LeaseLost("the lease is gone")
+
+    def gone() -> None:
+        raise lost
+
+    def held() -> None:
+        return None
+
+    assert _lease_cause(symptom, gone) is lost
+    assert lost.exit_code == ExitCode.TEMPORARY
+    assert _lease_cause(symptom, held) is symptom  # the lease is fine: the error stands
+    assert _lease_cause(symptom, None) is symptom  # not fleet mode
