@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from popsync.config import Account, parse_config
 from popsync.errors import ExitCode
 from popsync.scheduler import AccountScheduler, stall_limit
 from popsync.sync import RunResult
+from tests.unit.conftest import WAIT, wait_until
 
-WAIT = 5.0
 FAST = {"timeout": "1s", "login_timeout": "1s", "low_speed_time": "1s"}
 
 
@@ -26,28 +24,6 @@ def _accounts(tmp_path: Path, *names: str, **keys: str) -> dict[str, Account]:
         for n in names
     )
     return dict(parse_config(text).accounts)
-
-
-@pytest.fixture
-def make_scheduler() -> Iterator[Callable[..., AccountScheduler]]:
-    """Build schedulers that are shut down after the test."""
-    made: list[AccountScheduler] = []
-
-    def make(run: Callable[[Account], RunResult], **kwargs: object) -> AccountScheduler:
-        sched = AccountScheduler(run, **kwargs)  # type: ignore[arg-type]
-        made.append(sched)
-        return sched
-
-    yield make
-    for sched in made:
-        sched.shutdown(5.0)
-
-
-def _wait(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 class Runs:
@@ -86,9 +62,9 @@ def test_a_stuck_run_gives_its_only_worker_back_after_login_timeout(
     both = _accounts(tmp_path, "stuck", "fast", **FAST)
     sched.set_accounts({"stuck": both["stuck"]})
     sched.start()
-    _wait(lambda: "stuck" in runs.started)
+    wait_until(lambda: "stuck" in runs.started)
     sched.set_accounts(both)  # "fast" is due now, but the only worker is taken
-    _wait(lambda: runs.count("fast") == 1)
+    wait_until(lambda: runs.count("fast") == 1)
     assert runs.count("stuck") == 0, "the stuck run is still running"
     waited = runs.started["fast"][0] - runs.started["stuck"][0]
     assert waited > 0.9  # max_workers still counts: it waited for the slot to lapse
@@ -106,12 +82,12 @@ def test_an_account_that_failed_last_time_does_not_take_a_worker(
     sched = make_scheduler(runs, max_workers=1)
     sched.set_accounts(_accounts(tmp_path, "bad", "good"))  # login_timeout 60 s: long slots
     sched.start()
-    _wait(lambda: runs.count("bad") == 1 and runs.count("good") == 1)
-    _wait(lambda: sched.describe()["bad"]["failures"] == 1)
+    wait_until(lambda: runs.count("bad") == 1 and runs.count("good") == 1)
+    wait_until(lambda: sched.describe()["bad"]["failures"] == 1)
     sched.poll_now()
-    _wait(lambda: len(runs.started["bad"]) == 2)  # stuck now
+    wait_until(lambda: len(runs.started["bad"]) == 2)  # stuck now
     sched.poll_now()
-    _wait(lambda: runs.count("good") >= 2, timeout=2.0)
+    wait_until(lambda: runs.count("good") >= 2, timeout=2.0)
     assert runs.count("bad") == 1
     runs.release.set()
 
@@ -141,7 +117,7 @@ def test_progress_is_judged_by_signs_of_life(
     assert sched.making_progress()
     assert sched.stalled() == []
     lively.set()
-    _wait(lambda: not sched.making_progress())
+    wait_until(lambda: not sched.making_progress())
     assert sched.stalled() == ["a"]
     release.set()
-    _wait(sched.making_progress)
+    wait_until(sched.making_progress)

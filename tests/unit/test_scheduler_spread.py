@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,8 +15,7 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES
 from popsync.config import Account, parse_config
 from popsync.scheduler import START_SPACING, AccountScheduler, _Pool, start_offset
 from popsync.sync import RunResult
-
-WAIT = 5.0
+from tests.unit.conftest import WAIT, wait_until
 
 
 def _accounts(tmp_path: Path, names: list[str], interval: str = "300s") -> dict[str, Account]:
@@ -26,28 +25,6 @@ def _accounts(tmp_path: Path, names: list[str], interval: str = "300s") -> dict[
         for n in names
     )
     return dict(parse_config(text).accounts)
-
-
-@pytest.fixture
-def make_scheduler() -> Iterator[Callable[..., AccountScheduler]]:
-    """Build schedulers that are shut down after the test."""
-    made: list[AccountScheduler] = []
-
-    def make(run: Callable[[Account], RunResult], **kwargs: object) -> AccountScheduler:
-        sched = AccountScheduler(run, **kwargs)  # type: ignore[arg-type]
-        made.append(sched)
-        return sched
-
-    yield make
-    for sched in made:
-        sched.shutdown(5.0)
-
-
-def _wait(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_offsets_are_deterministic_bounded_and_even() -> None:
@@ -114,7 +91,7 @@ def test_a_poll_of_many_accounts_runs_on_few_threads(
     sched.set_accounts(_accounts(tmp_path, names, interval="1h"))
     sched.start()
     sched.poll_now()
-    _wait(lambda: len(set(done)) == len(names), timeout=20)
+    wait_until(lambda: len(set(done)) == len(names), timeout=20)
     assert active[1] <= 4
     workers = [t for t in threading.enumerate() if t.name.startswith("popsync-run-")]
     assert len(workers) <= 5  # max_workers plus the one watching the queue
@@ -139,7 +116,7 @@ def test_pool_keeps_order_and_starts_the_next_run_when_a_slot_lapses() -> None:
     pool.submit(task("stuck", True), 0.3)
     pool.submit(task("next", False), 0.3)
     pool.submit(task("last", False), 0.3)
-    _wait(lambda: len(started) == 3)
+    wait_until(lambda: len(started) == 3)
     assert [n for n, _ in started] == ["stuck", "next", "last"]
     assert 0.25 < started[1][1] - t0 < 2.0  # waited for the stuck task's slot to lapse
     release.set()
@@ -154,7 +131,7 @@ def test_idle_pool_threads_end(monkeypatch: pytest.MonkeyPatch) -> None:
     ran = threading.Event()
     pool.submit(ran.set, 1.0)
     assert ran.wait(WAIT)
-    _wait(lambda: pool.threads == 0)
+    wait_until(lambda: pool.threads == 0)
     pool.close()
 
 
@@ -177,14 +154,14 @@ def test_a_poll_of_queued_runs_does_not_spin(
     accounts = _accounts(tmp_path, ["a", "b", "c"], interval="1h")
     sched.set_accounts({"a": accounts["a"]})
     sched.start()
-    _wait(lambda: started == ["a"])
+    wait_until(lambda: started == ["a"])
     sched.set_accounts(accounts)  # b and c are due at once, and queue behind a
-    _wait(lambda: sched._healthy._queue.__len__() == 2)
+    wait_until(lambda: sched._healthy._queue.__len__() == 2)
     sched.poll_now()
     time.sleep(0.5)
     assert len(skipped) <= 2  # at most one per queued run, not one every 50 ms
     release.set()
-    _wait(lambda: started.count("a") == 2)  # a was polled mid-run: it runs again
+    wait_until(lambda: started.count("a") == 2)  # a was polled mid-run: it runs again
     time.sleep(0.2)
     assert started.count("b") == 1
     assert started.count("c") == 1
