@@ -985,6 +985,8 @@ def _lease_cause(exc: Exception, fence: Callable[[], None] | None) -> Exception:
         fence()
     except PopsyncError as cause:  # LeaseLost, or the database unreachable: both temporary
         return cause
+    except Exception:  # a fence that fails oddly must not crash the run
+        return exc
     return exc
 
 

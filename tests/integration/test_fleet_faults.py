@@ -321,9 +321,11 @@ def test_sigstop_in_the_residual_window_over_lmtp_duplicates_one_batch_at_most(
 def test_postgresql_restart_mid_cycle_ends_runs_temporary_and_they_are_retried(
     locked_dovecot: Dovecot, postgres: Postgres, tmp_path: Path, start_daemon: Start
 ) -> None:
-    """Runs in flight when PostgreSQL restarts fail 75; the workers reconnect and finish."""
+    """A PostgreSQL restart mid-cycle: runs fail 75 or reconnect; every message exactly once."""
     dsn = postgres.new_database("restart")
-    fleet = Fleet(locked_dovecot, tmp_path, dsn, accounts=4, messages=40)
+    fleet = Fleet(
+        locked_dovecot, tmp_path, dsn, accounts=4, messages=150
+    )  # runs outlast the restart
     workers = [start_worker(start_daemon, fleet.config(i), batch=1) for i in range(2)]
     wait_until(
         lambda: any(fleet.delivered(n) for n in fleet.accounts), 20, "a first delivery", workers
@@ -335,9 +337,13 @@ def test_postgresql_restart_mid_cycle_ends_runs_temporary_and_they_are_retried(
         "every message after the restart",
         workers,
     )
-    failed = [e for w in workers for e in w.find(ev("sync failed", outcome="temporary"))]
-    assert failed, "a run in flight failed"
+    # A run whose connection the restart cut fails temporary; one that next needs the
+    # database after the restart gets a new connection from the pool and goes on. Which of
+    # the two happens is timing, so neither is required; any other failure is a defect.
+    failed = [e for w in workers for e in w.find(ev("sync failed"))]
+    assert all(e["outcome"] == "temporary" for e in failed), failed
     assert all("PostgreSQL" in e["error"] or "lease" in e["error"] for e in failed), failed
+    assert not [e for w in workers for e in w.find(ev("sync run crashed"))]
     fleet.assert_exactly_once()
     for worker in workers:
         assert worker.stop()[0] == 0

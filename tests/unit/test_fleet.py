@@ -60,3 +60,8 @@ def test_a_run_failing_after_its_lease_was_lost_ends_as_the_lease_loss() -> None
     assert lost.exit_code == ExitCode.TEMPORARY
     assert _lease_cause(symptom, held) is symptom  # the lease is fine: the error stands
     assert _lease_cause(symptom, None) is symptom  # not fleet mode
+
+    def broken() -> None:
+        raise OSError("the fence itself failed: the database is down")
+
+    assert _lease_cause(symptom, broken) is symptom  # never a crash, never a worse error
