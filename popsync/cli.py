@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -26,6 +27,7 @@ from popsync.errors import ConfigError, ExitCode, PopsyncError, UserError
 
 if TYPE_CHECKING:
     from popsync.config import Account, Config
+    from popsync.prelogin import PreLogin
     from popsync.store import Store
     from popsync.sync import Progress
 
@@ -79,6 +81,24 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {message}\n")
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes a formatter for every add_argument (to check its metavar), and one
+        # left to find its width imports shutil, with bz2 and lzma: ~4 ms of every start.
+        # Every argparse formatter takes width; typeshed's protocol names only prog.
+        return self.formatter_class(prog=self.prog, width=_columns() - 2)  # type: ignore[call-arg]
+
+
+def _columns() -> int:
+    """The terminal's width as `shutil.get_terminal_size` finds it ($COLUMNS first), or 80."""
+    with contextlib.suppress(ValueError):
+        if int(os.environ.get("COLUMNS", "0")) > 0:
+            return int(os.environ["COLUMNS"])
+    try:
+        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+    return columns if columns > 0 else 80
 
 
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -283,6 +303,7 @@ def _select(config: Config, names: Sequence[str]) -> list[Account]:
 
 
 def _setup_logging(config: Config, args: argparse.Namespace, *, quiet_on_tty: bool) -> None:
+    _lean_structlog()
     from popsync.logconfig import configure_logging
 
     fmt = args.log_format or config.log_format
@@ -304,28 +325,58 @@ def open_store(config: Config) -> Store:
 
 # ----------------------------------------------------------------------------- --once
 def _run_once(args: argparse.Namespace) -> ExitCode:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from popsync.sync import sync_account
-
     config = _load(args, cached=True)
     accounts = _select(config, args.account)
-    _setup_logging(config, args, quiet_on_tty=True)
+    workers = max(1, min(config.max_workers, len(accounts)))
+    if config.store is not None:  # PostgreSQL may log while it connects: logging first
+        _setup_logging(config, args, quiet_on_tty=True)
     store = open_store(config)
+    prelogins: dict[str, PreLogin] = {}
     try:
-        with _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty()) as progress:
-            workers = max(1, min(config.max_workers, len(accounts)))
-            with ThreadPoolExecutor(workers, thread_name_prefix="popsync") as pool:
-                futures = [
-                    pool.submit(sync_account, account, store, progress=progress)
-                    for account in accounts
-                ]
-                results = [future.result() for future in futures]
+        prelogins = _prelogins(config, accounts[:workers], store)
+        _lean_structlog()  # the heavy imports, while the servers answer
+        from concurrent.futures import ThreadPoolExecutor
+
+        from popsync.sync import sync_account
+
+        if config.store is None:
+            _setup_logging(config, args, quiet_on_tty=True)
+        bar = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty())
+        with bar as progress, ThreadPoolExecutor(workers, thread_name_prefix="popsync") as pool:
+            futures = [
+                pool.submit(
+                    sync_account,
+                    account,
+                    store,
+                    progress=progress,
+                    prelogin=prelogins.get(account.name),
+                )
+                for account in accounts
+            ]
+            results = [future.result() for future in futures]
     finally:
+        for prelogin in prelogins.values():  # a run that never started leaves them here
+            prelogin.discard()
         store.close()
     for result in results:
         _say(sys.stdout if result.outcome == "ok" else sys.stderr, result.summary())
     return worst_exit_code([r.exit_code for r in results])
+
+
+def _prelogins(config: Config, accounts: list[Account], store: Store) -> dict[str, PreLogin]:
+    """Start logging in to the accounts that run first (see `popsync.prelogin`).
+
+    Returns once each is waiting on its server (or has failed), so the imports that follow
+    overlap the servers' work instead of competing with the logins for the GIL.
+    """
+    if config.store is not None:
+        return {}
+    from popsync.prelogin import ON_THE_WIRE_PATIENCE, PreLogin, starts_early
+
+    started = {a.name: PreLogin(a, store) for a in accounts if starts_early(a)}
+    for prelogin in started.values():
+        prelogin.on_the_wire.wait(ON_THE_WIRE_PATIENCE)
+    return started
 
 
 class _ProgressBar:
@@ -751,7 +802,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``popsync`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)  # --help and usage errors exit here, before any logging
-    if args.command not in _NO_STRUCTLOG:
+    # --once imports structlog itself, once its logins are on the wire (`_run_once`).
+    plain_once = args.command is None and args.once and not args.dry_run
+    if args.command not in _NO_STRUCTLOG and not plain_once:
         _lean_structlog()
     from popsync.textsafe import scrubbing
 

@@ -21,6 +21,7 @@ read whole.
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from collections.abc import Collection, ItemsView, Iterable, Iterator, Mapping, Sequence
 from itertools import chain, compress, islice, repeat
@@ -65,6 +66,19 @@ class Listing(Sequence[ListingItem]):
 
     def __len__(self) -> int:
         return len(self.numbers)
+
+    def digest(self, salt: bytes) -> bytes:
+        """A hash of the UIDL listing (message numbers and UIDLs, in order) and ``salt``.
+
+        Sizes are left out: they matter only to messages not yet fetched or held too large,
+        and a listing is only remembered as settled when it has neither (`popsync.plan.settled`).
+        No UIDL contains a line feed, so joining with one is unambiguous.
+        """
+        h = hashlib.sha256(salt)
+        h.update(len(self.numbers).to_bytes(8, "little"))
+        h.update(self.numbers.tobytes())
+        h.update(b"\n".join(self.uids))
+        return h.digest()
 
     def joined(self) -> dict[bytes, SeenValue | None]:
         """Each distinct UIDL (the listing's own objects) mapped to its seen entry or None.

@@ -420,6 +420,10 @@ def _wait_limit(timeout: float | None, pace: Pace, where: str) -> float | None:
     return remaining if timeout is None else min(timeout, remaining)
 
 
+#: Linux only; elsewhere ACKs are left to the system.
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
 class Stream:
     """A connected byte stream, plain or TLS; every method raises only popsync errors."""
 
@@ -562,9 +566,22 @@ class Stream:
                 with _mapped(self.where, "receive", self._timeout, self._pace):
                     raise exc from None
             self._count(len(data), time.monotonic() - started)
+            if data and _QUICKACK is not None:
+                self._ack_at_once()
             if data and self.on_activity is not None:
                 self.on_activity()
             return data
+
+    def _ack_at_once(self) -> None:
+        """Ask Linux to acknowledge what arrives next without its delayed-ACK wait.
+
+        A server with Nagle on (Dovecot) holds a small reply until its previous one is
+        acknowledged, and Linux delays that ACK by up to 40 ms: a pipelined USER and PASS
+        took 41 ms to answer instead of 7. The flag is not sticky (the kernel falls back
+        to delayed ACKs on its own), so it is set again after every read.
+        """
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
 
     def _gather_records(self, first: bytes, size: int) -> bytes:
         """Add the TLS records already received, without waiting for more.
@@ -629,17 +646,20 @@ def _resolve(host: str, port: int, limit: float | None) -> Sequence[_AddrInfo]:
     The C resolver cannot be interrupted, so a slow lookup runs in a daemon thread and
     is abandoned at the limit; it ends on its own when the resolver gives up.
     """
+    # A str host goes through the idna codec, whose import (with unicodedata and stringprep)
+    # is ~3 ms of every start; an ASCII name needs none of it.
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
     with contextlib.suppress(socket.gaierror):
         # An address literal needs no resolver: no thread.
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        return socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
     if limit is None:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
     outcome: list[Sequence[_AddrInfo] | OSError] = []
     done = threading.Event()
 
     def lookup() -> None:
         try:
-            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            outcome.append(socket.getaddrinfo(name, port, type=socket.SOCK_STREAM))
         except OSError as exc:
             outcome.append(exc)
         finally:

@@ -443,6 +443,19 @@ class PgStore:
                     conn.execute(f"DELETE FROM {table} WHERE mailbox = %s", (old,))  # noqa: S608
         return moved
 
+    # --- settled listings -------------------------------------------------------------------
+
+    def listing_digest(self, mailbox: str) -> bytes | None:
+        """Always None: fleet mode plans every listing (see `SeenStore.listing_digest`).
+
+        The shortcut serves short ``--once`` runs on the SQLite store; on PostgreSQL it would
+        need its own table and triggers in `popsync.lease`'s schema history, not built yet.
+        """
+        return None
+
+    def set_listing_digest(self, mailbox: str, digest: bytes) -> None:
+        """Nothing is kept (see `listing_digest`)."""
+
     # --- runs -----------------------------------------------------------------------------------
 
     def record_run(self, mailbox: str, record: RunRecord, *, fence: str | None = None) -> RunRecord:
@@ -669,6 +682,14 @@ class FencedStore:
     def adopt_labels(self, mailboxes: Mapping[str, str]) -> int:
         """See `PgStore.adopt_labels`; fenced."""
         return self.store.adopt_labels(mailboxes, fence=self.token)
+
+    def listing_digest(self, mailbox: str) -> bytes | None:
+        """See `PgStore.listing_digest` (always None)."""
+        return self.store.listing_digest(mailbox)
+
+    def set_listing_digest(self, mailbox: str, digest: bytes) -> None:
+        """See `PgStore.set_listing_digest` (keeps nothing)."""
+        self.store.set_listing_digest(mailbox, digest)
 
     def record_run(self, mailbox: str, record: RunRecord) -> RunRecord:
         """See `PgStore.record_run`; fenced."""

@@ -42,6 +42,7 @@ __all__ = [
     "Plan",
     "Policy",
     "plan_sync",
+    "settled",
     "show_uidl",
     "show_uidls",
 ]
@@ -330,4 +331,28 @@ def plan_sync(
         reset_suspected=reset,
         shrink_suspected=shrink,
         warnings=tuple(warnings),
+    )
+
+
+def settled(plan: Plan, policy: Policy) -> bool:
+    """True when, once ``plan`` has run to completion, planning the same listing again with the
+    same policy and an unchanged seen-store would find nothing to do.
+
+    Then every listed UIDL is known and delivered or rejected (fetched now or before), and
+    nothing else can come of it: the policy never deletes, no row is absent (so nothing is
+    noted, forgotten or suspected of a shrink), nothing is too large or held, no UIDL is
+    listed twice and no warning is due. Reappeared rows are fine: this run marks them present.
+    `popsync.sync` then skips reading the seen-store and planning for that listing.
+    """
+    return (
+        policy.delete == "never"
+        and not plan.delete
+        and not plan.too_large
+        and not plan.held
+        and not plan.absent
+        and not plan.forget
+        and not plan.duplicates
+        and not plan.reset_suspected
+        and not plan.shrink_suspected
+        and not plan.warnings
     )

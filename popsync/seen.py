@@ -172,6 +172,23 @@ MIGRATIONS += (
         "ALTER TABLE runs_v3 RENAME TO runs",
     ),
 )
+#: v4: the digest of a mailbox's last settled listing (`SeenStore.listing_digest`). Any change to
+#: the mailbox's seen rows, by any program or popsync version that writes this file, drops it
+#: in the same transaction (the triggers), so a stale digest can never skip a needed plan.
+MIGRATIONS += (
+    (
+        """CREATE TABLE listings (
+            mailbox TEXT PRIMARY KEY,
+            digest BLOB NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TRIGGER seen_insert_unsettles AFTER INSERT ON seen BEGIN
+            DELETE FROM listings WHERE mailbox = NEW.mailbox; END""",
+        """CREATE TRIGGER seen_update_unsettles AFTER UPDATE ON seen BEGIN
+            DELETE FROM listings WHERE mailbox IN (OLD.mailbox, NEW.mailbox); END""",
+        """CREATE TRIGGER seen_delete_unsettles AFTER DELETE ON seen BEGIN
+            DELETE FROM listings WHERE mailbox = OLD.mailbox; END""",
+    ),
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 #: A new file starts at this version with these tables (version 3's, created directly: replaying
 #: versions 1-2 and their rebuilds would cost pages a nearly full disk may not have); later
@@ -643,6 +660,26 @@ class SeenStore:
                     moved += max(cur.rowcount, 0)
                     conn.execute(f"DELETE FROM {table} WHERE mailbox = ?", (old,))  # noqa: S608
         return moved
+
+    # --- settled listings ---------------------------------------------------------------------
+
+    def listing_digest(self, mailbox: str) -> bytes | None:
+        """The digest `set_listing_digest` stored, unless a seen row changed since."""
+        rows = self._query(
+            "read the listing digest", "SELECT digest FROM listings WHERE mailbox = ?", (mailbox,)
+        )
+        return bytes(cast("bytes", rows[0][0])) if rows else None
+
+    def set_listing_digest(self, mailbox: str, digest: bytes) -> None:
+        """Remember that planning a listing with this digest again would find nothing to do.
+
+        Not durable on its own (like a run record): losing it costs one full plan.
+        """
+        with self._tx("record the listing digest", durable=False) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO listings (mailbox, digest) VALUES (?, ?)",
+                (mailbox, digest),
+            )
 
     # --- runs ---------------------------------------------------------------------------------
 

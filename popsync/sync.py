@@ -58,9 +58,10 @@ from popsync.errors import ExitCode, LocalIOError, PopsyncError
 from popsync.listing import Listing, SeenView
 from popsync.maildir import Maildir, TmpMessage, process_gone, sanitize_host
 from popsync.owner import claim_maildir, refuse_foreign_root
-from popsync.plan import Plan, Policy, plan_sync, show_uidl
+from popsync.plan import Plan, Policy, plan_sync, settled, show_uidl
 from popsync.pop3 import errors as pop3_errors
 from popsync.pop3.sasl import REVEALING, credential_forms
+from popsync.prelogin import PreLogin, pace, resolve_secret
 from popsync.textsafe import add_secrets, safe_text, scrub_scope
 from popsync.trace import TraceHeaders
 from popsync.units import human_bytes
@@ -68,7 +69,6 @@ from popsync.units import human_bytes
 if TYPE_CHECKING:
     from popsync.client import MessageTooLarge, Pop3Client, Sink
     from popsync.config import Account
-    from popsync.net import Pace
     from popsync.seen import RunRecord
     from popsync.store import Store
 
@@ -208,6 +208,10 @@ def classify_error(exc: BaseException, *, during_login: bool = False) -> ExitCod
     if isinstance(exc, OSError):
         return ExitCode.LOCAL_IO
     return ExitCode.SOFTWARE
+
+
+#: Salts the listing digest with its own format: a change here makes every stored one stale.
+_DIGEST_VERSION = b"popsync-listing-1\0"
 
 
 def _policy(account: Account) -> Policy:
@@ -598,16 +602,6 @@ def _fetch(
 
 
 # ------------------------------------------------------------------------------ session
-def _pace(account: Account, phase: str, budget: float | None = None, key: str = "") -> Pace:
-    """The limits of one phase of a run: an optional budget, and the minimum rate."""
-    from popsync.net import Pace
-
-    limit, period = account.low_speed_limit, account.low_speed_time
-    if budget is None:
-        return Pace(phase, low_speed_limit=limit, low_speed_time=period)
-    return Pace.budget(phase, budget, key, low_speed_limit=limit, low_speed_time=period)
-
-
 def _connect(
     account: Account, secret: str, on_activity: Callable[[], None] | None = None
 ) -> Pop3Client:
@@ -673,13 +667,20 @@ def _session(
     progress: Progress | None,
     log: structlog.typing.FilteringBoundLogger,
     fence: Callable[[], None] | None = None,
+    prelogin: PreLogin | None = None,
 ) -> bool:
-    """One logged-in session; False when a RETR was cut off and the run must log in again."""
+    """One logged-in session; False when a RETR was cut off and the run must log in again.
+
+    With ``prelogin``, the listing is the one it has read already.
+    """
     from popsync.client import MessageTooLarge
 
     try:
-        client.set_pace(_pace(account, "listing", account.listing_timeout, "listing_timeout"))
-        listing = _listing(client)  # also asks the post-login CAPA, pipelined
+        if prelogin is not None:
+            listing = Listing(*prelogin.entries())
+        else:
+            client.set_pace(pace(account, "listing", account.listing_timeout, "listing_timeout"))
+            listing = _listing(client)  # also asks the post-login CAPA, pipelined
         # Logged only now: before the listing, reading capabilities would cost a round trip.
         log.debug(
             "logged in",
@@ -693,30 +694,20 @@ def _session(
             log.info("first run: marked every message as seen", count=result.marked_seen)
             client.quit()
             return True
+        policy = _policy(account)
+        digest = listing.digest(_DIGEST_VERSION + repr(policy).encode())
+        if digest == store.listing_digest(account.mailbox):
+            # The last complete run left this very listing settled and no seen row changed
+            # since (plan.settled): the plan would be empty, so neither read nor make it.
+            log.debug("listing unchanged since the last complete run: nothing to do")
+            client.quit()
+            return True
         # Both sides stay compact: a mailbox may list a million messages (see listing.py).
         seen = SeenView(
             listing, store.delivered_times(account.mailbox), store.other_rows(account.mailbox)
         )
-        plan = plan_sync(listing, seen, _policy(account), clock())
-        log.debug(
-            "planned",
-            on_server=len(listing),
-            fetch=len(plan.fetch),
-            delete=len(plan.delete),
-            absent=len(plan.absent),
-            forget=len(plan.forget),
-            too_large=len(plan.too_large),
-            held=plan.held,
-        )
-        for warning in plan.warnings:
-            if warning in result.warnings:  # a second login re-plans the same mailbox
-                continue
-            if _warning_is_new(account.name, warning):
-                log.warning("plan warning", detail=warning)
-            else:
-                log.debug("plan warning (unchanged since the last run)", detail=warning)
-            result.warnings.append(warning)
-        _forget_old_warnings(account.name, plan.warnings)
+        plan = plan_sync(listing, seen, policy, clock())
+        _report_plan(account.name, plan, len(listing), result, log)
         _record_listing(account, store, plan, clock())
         result.too_large = result.skipped = len(plan.too_large) + plan.held
         deletable = _after_delivery(account, plan)
@@ -731,7 +722,7 @@ def _session(
 
         batcher = _Batcher(account.mailbox, store, target, clock, result, deletable.add, fence)
         # No budget from here on (a big mailbox takes what it takes), only the minimum rate.
-        client.set_pace(_pace(account, "transfer"))
+        client.set_pace(pace(account, "transfer"))
         trace = TraceHeaders(
             account.add_headers,
             pop3_host=account.host,
@@ -757,9 +748,40 @@ def _session(
             return False
         _forget_slowly(account, store, plan, result, clock())
         _delete(account, client, store, plan, deletable, result, clock)
+        if settled(plan, policy):  # every write of the run is in: the digest goes last
+            store.set_listing_digest(account.mailbox, digest)
     finally:
         client.close()
     return True
+
+
+def _report_plan(
+    account: str,
+    plan: Plan,
+    on_server: int,
+    result: RunResult,
+    log: structlog.typing.FilteringBoundLogger,
+) -> None:
+    """Log the plan; its warnings only when new (the daemon repeats a plan every poll)."""
+    log.debug(
+        "planned",
+        on_server=on_server,
+        fetch=len(plan.fetch),
+        delete=len(plan.delete),
+        absent=len(plan.absent),
+        forget=len(plan.forget),
+        too_large=len(plan.too_large),
+        held=plan.held,
+    )
+    for warning in plan.warnings:
+        if warning in result.warnings:  # a second login re-plans the same mailbox
+            continue
+        if _warning_is_new(account, warning):
+            log.warning("plan warning", detail=warning)
+        else:
+            log.debug("plan warning (unchanged since the last run)", detail=warning)
+        result.warnings.append(warning)
+    _forget_old_warnings(account, plan.warnings)
 
 
 def _forget_slowly(
@@ -879,6 +901,34 @@ def _delete(
         result.deleted = len(deleted)
 
 
+def _prepare(
+    account: Account,
+    store: Store,
+    result: RunResult,
+    clock: Callable[[], float],
+    fence: Callable[[], None] | None,
+    log: structlog.typing.FilteringBoundLogger,
+) -> Target:
+    """With the lock held, before the session: check the destination, recover, clean up."""
+    for path, what in ((account.maildir, "Maildir"), (account.mbox, "mbox")):
+        if path is not None:
+            refuse_foreign_root(path, what)
+    target = open_target(account, store.state_dir)
+    if account.maildir is not None and store.path is not None:
+        # A database server's store is shared by every worker: nothing to claim.
+        claim_maildir(account.maildir, store.path)
+    result.recovered = recover(account.mailbox, store, target, clock(), fence)
+    if result.recovered:
+        log.info("recovered interrupted deliveries", count=result.recovered)
+    # Debris of a run killed mid-RETR or mid-batch; other agents' files get 36 hours.
+    # recover() has just resolved every pending row, so no tmp file is still owed.
+    debris = clean_debris(target.spool, set())
+    if debris:
+        log.info("removed tmp/ debris of an interrupted run", count=len(debris))
+    target.spool.cleanup_tmp(())
+    return target
+
+
 @scrub_scope
 def sync_account(
     account: Account,
@@ -890,13 +940,16 @@ def sync_account(
     secret_resolver: Callable[[Account], str] | None = None,
     on_activity: Callable[[], None] | None = None,
     fence: Callable[[], None] | None = None,
+    prelogin: PreLogin | None = None,
 ) -> RunResult:
     """Run one sync of ``account``; never raises for expected failures (see ``RunResult``).
 
     ``on_activity`` is called whenever data arrives from the server: the daemon tells a
     stuck run from a slow one by it. ``fence`` (fleet mode, `popsync.fleet`) raises
     `popsync.lease.LeaseLost` once this worker's lease is gone; it is called right before
-    every hand-over, so a run that lost its lease delivers nothing more.
+    every hand-over, so a run that lost its lease delivers nothing more. ``prelogin``
+    (``--once``, see `popsync.prelogin`) has taken the lock, resolved the secret, logged in
+    and read the listing already; the run takes each over where it would have made it.
 
     Whatever the server says is shown only through :func:`popsync.textsafe.safe_text`, with
     the account's secret, in every form it is sent, scrubbed for the rest of the run.
@@ -906,27 +959,18 @@ def sync_account(
     started = time.monotonic()
     during_login = False
     try:
-        with store.lock(account.mailbox, account.name):
-            for path, what in ((account.maildir, "Maildir"), (account.mbox, "mbox")):
-                if path is not None:
-                    refuse_foreign_root(path, what)
-            target = open_target(account, store.state_dir)
-            if account.maildir is not None and store.path is not None:
-                # A database server's store is shared by every worker: nothing to claim.
-                claim_maildir(account.maildir, store.path)
-            result.recovered = recover(account.mailbox, store, target, clock(), fence)
-            if result.recovered:
-                log.info("recovered interrupted deliveries", count=result.recovered)
-            # Debris of a run killed mid-RETR or mid-batch; other agents' files get 36 hours.
-            # recover() has just resolved every pending row, so no tmp file is still owed.
-            debris = clean_debris(target.spool, set())
-            if debris:
-                log.info("removed tmp/ debris of an interrupted run", count=len(debris))
-            target.spool.cleanup_tmp(())
-            if secret_resolver is not None:
+        if prelogin is not None:
+            lock = prelogin.held_lock()
+        else:
+            lock = store.lock(account.mailbox, account.name)
+        with lock:
+            target = _prepare(account, store, result, clock, fence, log)
+            if prelogin is not None:
+                secret = prelogin.secret()
+            elif secret_resolver is not None:
                 secret = secret_resolver(account)
             else:
-                secret = _secret(account, store)
+                secret = resolve_secret(account, store)
             add_secrets(
                 credential_forms(account.username, secret, host=account.host, port=account.port)
             )
@@ -941,7 +985,8 @@ def sync_account(
                 )
             for cutoffs in range(MAX_CUTOFFS + 1):
                 during_login = True
-                client = _connect(account, secret, on_activity)
+                early = prelogin if cutoffs == 0 else None
+                client = early.client() if early else _connect(account, secret, on_activity)
                 during_login = False
                 if _session(
                     account,
@@ -954,6 +999,7 @@ def sync_account(
                     progress=progress,
                     log=log,
                     fence=fence,
+                    prelogin=early,
                 ):
                     break
                 if cutoffs == MAX_CUTOFFS:
@@ -963,6 +1009,9 @@ def sync_account(
                     )
     except Exception as exc:  # every failure becomes a RunResult
         _fail(result, _lease_cause(exc, fence), during_login)
+    finally:
+        if prelogin is not None:
+            prelogin.discard()
     result.duration = time.monotonic() - started
     _log_result(log, result)
     try:
@@ -988,20 +1037,6 @@ def _lease_cause(exc: Exception, fence: Callable[[], None] | None) -> Exception:
     except Exception:  # a fence that fails oddly must not crash the run
         return exc
     return exc
-
-
-def _secret(account: Account, store: Store) -> str:
-    """The password, or with oauth2_provider a valid access token (refreshed if need be).
-
-    Called with the account's lock held, so one process at a time refreshes its token.
-    """
-    if account.oauth2_provider is not None:
-        from popsync.oauth2 import access_token
-
-        return access_token(account, store.state_dir)
-    from popsync.secrets import resolve_secret
-
-    return resolve_secret(account)
 
 
 def _record(result: RunResult, finished: float) -> RunRecord:

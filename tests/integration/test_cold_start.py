@@ -84,6 +84,49 @@ def test_once_off_a_terminal_imports_only_what_it_uses(
     assert not again & set(ONLY_WHEN_NEEDED), sorted(again & set(ONLY_WHEN_NEEDED))
 
 
+# Records which thread opens each connection to a server.
+_AT_CONNECT = (
+    "import json, os, sys, threading\n"
+    "import popsync.net as net\n"
+    "seen = []\n"
+    "real_open = net._open\n"
+    "def spy(*args, **kwargs):\n"
+    "    seen.append(threading.current_thread().name)\n"
+    "    return real_open(*args, **kwargs)\n"
+    "net._open = spy\n"
+    "from popsync.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "with open(os.environ['MODULES_OUT'], 'w') as out:\n"
+    "    json.dump(seen, out)\n"
+    "sys.exit(code)\n"
+)
+
+
+def test_once_logs_in_from_the_prelogin_thread(
+    dovecot: Dovecot, mail_user: MailUser, tmp_path: Path
+) -> None:
+    """--once logs in from the thread started before the engine is imported (prelogin)."""
+    dovecot.deliver_many(mail_user, [make_message(i) for i in range(2)])
+    maildir = tmp_path / "Maildir"
+    keys = dovecot_keys(dovecot, mail_user, maildir)
+    config = write_config(tmp_path / "popsync.toml", tmp_path / "state", {"acct": keys})
+    out = tmp_path / "connections.json"
+    for _ in ("first fetch", "nothing new"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _AT_CONNECT, "--once", "-c", str(config)],
+            check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "MODULES_OUT": str(out), "PYTHONPATH": str(ROOT)},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(out.read_text()) == ["popsync-prelogin-acct"]
+        assert len(maildir_messages(maildir)) == 2
+
+
 def test_help_and_status_stay_light(tmp_path: Path) -> None:
     """--help imports neither structlog nor pydantic; a cached status no pydantic either."""
     keys: dict[str, TomlValue] = {

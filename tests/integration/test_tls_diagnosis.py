@@ -124,9 +124,10 @@ def test_name_mismatch_lists_the_certificate_names(
     """A host the certificate does not name: the error lists the names it holds."""
     real = socket.getaddrinfo
 
-    def to_loopback(host: str, *args: object, **kwargs: object) -> object:
+    def to_loopback(host: str | bytes, *args: object, **kwargs: object) -> object:
         # The name resolves to this machine, as it would through /etc/hosts.
-        return real("127.0.0.1" if host == "mail.example.org" else host, *args, **kwargs)  # type: ignore[arg-type]
+        name = host.decode() if isinstance(host, bytes) else host  # popsync passes ASCII as bytes
+        return real("127.0.0.1" if name == "mail.example.org" else host, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(socket, "getaddrinfo", to_loopback)
     account = _account(dovecot, mail_user, tmp_path)

@@ -301,6 +301,22 @@ def test_account_locked_by_another_process_exits_75(tmp_path: Path) -> None:
     assert not (tmp_path / "Maildir").exists()
 
 
+def test_a_locked_account_is_not_logged_in_to_early(tmp_path: Path) -> None:
+    """--once logs in ahead of its imports (popsync.prelogin), but only with the lock held."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        config = _config(tmp_path, acct=_plain_keys(tmp_path, port))
+        with (
+            SeenStore.open(tmp_path / "state" / "popsync.sqlite3") as store,
+            store.lock(f"me@127.0.0.1:{port}"),
+        ):
+            proc = run_popsync(["--once", "-c", config])
+        assert proc.returncode == 75, proc.stderr
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the backlog would hold any connection made
+            listener.accept()
+
+
 def test_progress_bar_tracks_each_account_on_a_terminal() -> None:
     """On a terminal the progress callback drives one rich task per account; else none."""
     with _ProgressBar(enabled=False) as progress:

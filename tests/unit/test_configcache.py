@@ -223,3 +223,38 @@ def test_sync_checks_cleartext_auth_without_the_config_module() -> None:
     from popsync.pop3.sasl import REVEALING
 
     assert {name.upper() for name in CLEARTEXT_AUTH} == REVEALING
+
+
+@pytest.mark.parametrize(
+    ("toml_value", "password", "sliced"),
+    [
+        ('"plain-secret"', "plain-secret", True),
+        ("'literal\"quote'", 'literal"quote', True),
+        ('"pässwörd ünïcode"', "pässwörd ünïcode", True),
+        ('"alice"', "alice", True),  # the username's occurrence comes first: any one will do
+        ('"esc\\"aped"', 'esc"aped', False),
+        ('"back\\\\slash"', "back\\slash", False),
+        ('"""multi"""', "multi", True),
+    ],
+)
+def test_an_inline_password_is_read_back_exactly(
+    tmp_path: Path, toml_value: str, password: str, sliced: bool
+) -> None:
+    """A hit gives the password load_config gives; a plain one by its offset, no tomllib."""
+    text = (
+        'state_dir = "/state"\n[accounts.a]\nhost = "pop.example.org"\nusername = "alice"\n'
+        f'password = {toml_value}\nmaildir = "/m"\n'
+    )
+    path = write(tmp_path, text)
+    load_config_cached(path, tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").iterdir()
+    stored = json.loads(entry.read_text())["accounts"]["a"]["password"]
+    assert isinstance(stored, dict) is sliced, stored
+    hit = load_config_cached(path, tmp_path / "cache")
+    assert isinstance(hit, Record)
+    cached = hit.accounts["a"].password
+    assert cached is not None
+    assert cached.get_secret_value() == password
+    validated = load_config(path).accounts["a"].password
+    assert validated is not None
+    assert validated.get_secret_value() == password

@@ -8,7 +8,7 @@ import signal
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from popsync.errors import ExitCode, LockBusy
 from popsync.seen import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    RunRecord,
     SchemaTooNew,
     SeenStore,
     SeenStoreError,
@@ -134,7 +135,7 @@ def test_v1_store_migrates_and_rows_are_adopted_by_mailbox(db_path: Path) -> Non
     """A version-1 file keeps every row (as label:NAME) until adopt_labels moves it."""
     _v1_store(db_path)
     with SeenStore.open(db_path) as s:
-        assert s.schema_version == SCHEMA_VERSION == 3
+        assert s.schema_version == SCHEMA_VERSION == 4
         assert set(s.entries("label:work")) == {b"u1", b"u2"}
         moved = s.adopt_labels({"work": "me@pop.example.com", "new": "x@y"})
         assert moved == 3  # two seen rows and the run
@@ -163,7 +164,59 @@ def test_a_new_file_has_exactly_the_migrated_schema(tmp_path: Path) -> None:
     _v1_store(old)
     SeenStore.open(old).close()
     assert _columns(fresh) == _columns(old)
-    assert set(_columns(fresh)) == {"seen", "runs"}
+    assert set(_columns(fresh)) == {"seen", "runs", "listings"}
+    assert _triggers(fresh) == _triggers(old) == 3
+
+
+def _triggers(db: Path) -> int:
+    with sqlite3.connect(db) as raw:
+        found = raw.execute("SELECT count(*) FROM sqlite_master WHERE type='trigger'").fetchone()
+    raw.close()
+    return int(found[0])
+
+
+def test_a_listing_digest_lasts_until_a_seen_row_of_its_mailbox_changes(db_path: Path) -> None:
+    """Every kind of write to a mailbox's rows drops its digest; other mailboxes keep theirs."""
+    writes: dict[str, Callable[[SeenStore], object]] = {
+        "pending": lambda s: s.add_pending("a@h", [(b"n", "name", 1)], at=1.0),
+        "delivered": lambda s: s.mark_delivered("a@h", [(b"u1", "x")], 2.0),
+        "too large": lambda s: s.mark_too_large("a@h", [(b"big", 9)], 2.0),
+        "absent": lambda s: s.note_absent("a@h", [b"u1"], 2.0),
+        "forget": lambda s: s.forget("a@h", [b"u1"]),
+        "deleted": lambda s: s.mark_deleted("a@h", [b"u1"], 2.0),
+    }
+    with SeenStore.open(db_path) as s:
+        s.mark_delivered("a@h", [(b"u1", "x")], 1.0)
+        for what, write in writes.items():
+            s.set_listing_digest("a@h", b"A")
+            s.set_listing_digest("b@h", b"B")
+            assert s.listing_digest("a@h") == b"A"
+            write(s)
+            assert s.listing_digest("a@h") is None, what
+            assert s.listing_digest("b@h") == b"B", what
+            s.mark_delivered("a@h", [(b"u1", "x")], 1.0)  # u1 back for the next write
+        s.set_listing_digest("a@h", b"A")
+        s.record_run("a@h", RunRecord(started=1.0, finished=2.0, outcome="ok"))
+        assert s.listing_digest("a@h") == b"A"  # a run record is not a seen row
+
+
+def test_a_v3_file_migrates_to_the_digest_table(db_path: Path) -> None:
+    """A version-3 file gets the listings table and its triggers, rows kept."""
+    with SeenStore.open(db_path) as s:
+        s.mark_delivered("a@h", [(b"u1", "x")], 1.0)
+    with sqlite3.connect(db_path) as raw:
+        raw.executescript(
+            "DROP TABLE listings; DROP TRIGGER seen_insert_unsettles;"
+            " DROP TRIGGER seen_update_unsettles; DROP TRIGGER seen_delete_unsettles;"
+            " PRAGMA user_version = 3;"
+        )
+    raw.close()
+    with SeenStore.open(db_path) as s:
+        assert s.schema_version == 4
+        assert set(s.entries("a@h")) == {b"u1"}
+        s.set_listing_digest("a@h", b"A")
+        s.forget("a@h", [b"u1"])
+        assert s.listing_digest("a@h") is None
 
 
 def test_adopting_never_overwrites_rows_of_the_mailbox(db_path: Path) -> None:

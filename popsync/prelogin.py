@@ -1,0 +1,209 @@
+"""Log in and read the listing while the rest of popsync is still being imported.
+
+A nothing-new ``popsync --once`` is mostly start-up: ~0.2 s of imports (structlog, the sync
+engine, the delivery targets) against ~0.06 s in which the server logs us in and sends its
+UIDL and LIST. `PreLogin` starts that server work first: the CLI opens the store, starts one
+`PreLogin` per account it will run at once, waits until each is on the wire, and only then
+imports the engine, so the imports run while the server answers (the GIL is free while a
+thread waits on a socket).
+
+The order of a run is unchanged where it matters: the account's lock is taken before the
+server is contacted (a second popsync never logs in beside a running one: with a server's
+session lock it would make the running one fail), the secret is resolved with the lock held
+(OAuth2 accounts are not started early: a token refresh logs), and
+`popsync.sync.sync_account` takes over the lock, the secret, the session and the listing as if
+it had made them itself: each failure is re-raised at the point of the run where it would
+have happened, so outcomes and exit codes do not change. Only the Maildir and recovery checks
+now follow the login instead of preceding it; a run that fails them closes the session
+without a command, which commits nothing on the server.
+
+This module is imported before structlog: it must not log, and imports only what a login needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from popsync.client import Pop3Client
+    from popsync.config import Account
+    from popsync.net import Pace
+    from popsync.pop3 import ScanEntries, UidlEntries
+    from popsync.store import Store
+
+__all__ = ["PreLogin", "pace", "resolve_secret", "starts_early"]
+
+#: How long the CLI waits for a `PreLogin` to reach the server before importing anyway.
+ON_THE_WIRE_PATIENCE = 2.0
+
+
+def pace(account: Account, phase: str, budget: float | None = None, key: str = "") -> Pace:
+    """The limits of one phase of a run: an optional budget, and the minimum rate."""
+    from popsync.net import Pace
+
+    limit, period = account.low_speed_limit, account.low_speed_time
+    if budget is None:
+        return Pace(phase, low_speed_limit=limit, low_speed_time=period)
+    return Pace.budget(phase, budget, key, low_speed_limit=limit, low_speed_time=period)
+
+
+def resolve_secret(account: Account, store: Store) -> str:
+    """The password, or with oauth2_provider a valid access token (refreshed if need be).
+
+    Called with the account's lock held, so one process at a time refreshes its token.
+    """
+    if account.oauth2_provider is not None:
+        from popsync.oauth2 import access_token
+
+        return access_token(account, store.state_dir)
+    from popsync.secrets import resolve_secret as resolve
+
+    return resolve(account)
+
+
+def starts_early(account: Account) -> bool:
+    """Whether `PreLogin` may run ``account`` (not OAuth2: a token refresh logs)."""
+    return account.oauth2_provider is None
+
+
+class _Step:
+    """A result or the exception that replaced it, re-raised where the run asks for it."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self) -> None:
+        self.value: object = None
+        self.error: BaseException | None = None
+
+    def get(self) -> object:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class PreLogin:
+    """Lock, secret, login and listing of one account, in a thread of its own.
+
+    `popsync.sync.sync_account` calls `held_lock`, `secret`, `client` and `entries` in its
+    run's order; each waits for the thread and returns its step's result or raises its
+    exception. `discard` closes whatever was not taken over (always call it).
+    """
+
+    def __init__(self, account: Account, store: Store) -> None:
+        self.account = account
+        self._store = store
+        self._lock: AbstractContextManager[None] | None = None
+        self._steps = {name: _Step() for name in ("lock", "secret", "client", "entries")}
+        self._client: Pop3Client | None = None
+        self.on_the_wire = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"popsync-prelogin-{account.name}", daemon=True
+        )
+        self._thread.start()
+
+    # -------------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        try:
+            self._go()
+        finally:
+            self.on_the_wire.set()
+
+    def _go(self) -> None:
+        lock = self._store.lock(self.account.mailbox, self.account.name)
+        if not self._step("lock", lock.__enter__):
+            return
+        self._lock = lock
+        secret = self._step("secret", lambda: resolve_secret(self.account, self._store))
+        if not secret:
+            return
+        self._step("client", lambda: self._login(str(self._steps["secret"].value)))
+        client = self._client
+        if client is not None:
+            self._step("entries", lambda: self._listing(client))
+
+    def _step(self, name: str, action: Callable[[], object]) -> bool:
+        """Run one step; False (and the exception kept) when it failed."""
+        step = self._steps[name]
+        try:
+            step.value = action()
+        except BaseException as exc:  # re-raised in the run's own thread
+            step.error = exc
+            return False
+        return True
+
+    def _login(self, secret: str) -> Pop3Client:
+        from popsync.pop3.sasl import credential_forms
+        from popsync.session import open_session
+        from popsync.textsafe import add_secrets
+
+        account = self.account
+        # This thread's own scrub scope: nothing it keeps may show the secret.
+        add_secrets(
+            credential_forms(account.username, secret, host=account.host, port=account.port)
+        )
+        self.on_the_wire.set()  # connecting: the server's time starts now
+        self._client = open_session(account, secret)
+        return self._client
+
+    def _listing(self, client: Pop3Client) -> tuple[UidlEntries, ScanEntries]:
+        account = self.account
+        client.set_pace(pace(account, "listing", account.listing_timeout, "listing_timeout"))
+        return client.listing_entries()
+
+    # ---------------------------------------------------------- taken over by the run
+    def _result(self, name: str) -> object:
+        self._thread.join()
+        return self._steps[name].get()
+
+    def held_lock(self) -> AbstractContextManager[None]:
+        """The account's lock, already held (raises as `Store.lock` would have)."""
+        self._result("lock")
+        return _Release(self)
+
+    def secret(self) -> str:
+        """The resolved secret (raises as `resolve_secret` would have)."""
+        return str(self._result("secret"))
+
+    def client(self) -> Pop3Client:
+        """The logged-in session, now the caller's to close (raises as the login would have)."""
+        client = self._result("client")
+        self._client = None
+        assert client is not None
+        return client  # type: ignore[return-value]
+
+    def entries(self) -> tuple[UidlEntries, ScanEntries]:
+        """UIDL and LIST as `popsync.client.Pop3Client.listing_entries` returned them."""
+        return self._result("entries")  # type: ignore[return-value]
+
+    def discard(self) -> None:
+        """Close a session nobody took over and give back a lock nobody did (idempotent)."""
+        self._thread.join()
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        self.release()
+
+    def release(self) -> None:
+        """Give the lock back (`held_lock`'s exit)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+class _Release(AbstractContextManager[None]):
+    """``with prelogin.held_lock():`` gives the lock back at the end, like `Store.lock`."""
+
+    def __init__(self, prelogin: PreLogin) -> None:
+        self._prelogin = prelogin
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._prelogin.release()
