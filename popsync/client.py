@@ -511,6 +511,23 @@ class Pop3Client:
             raise
         return uidls, self._expect(self._next(), ScanListing).entries
 
+    def uidl_entries(self) -> UidlEntries:
+        """UIDL alone (and CAPA, if not yet asked since login), pipelined when allowed."""
+        ask_caps = self._caps is None and self.may_pipeline
+        if not ask_caps:
+            self.capabilities()
+            return self._expect(self.request(commands.uidl()), UidlListing).entries
+        self._send(commands.capa(), commands.uidl())
+        try:
+            self._remember_caps(self._expect(self._next(), Capabilities).caps)
+        except ServerError:
+            self._caps = {}
+        return self._expect(self._next(), UidlListing).entries
+
+    def scan_entries(self) -> ScanEntries:
+        """LIST alone, in the core's compact form."""
+        return self._expect(self.request(commands.list_()), ScanListing).entries
+
     def _choose_mechanism(self, mechanism: str) -> str:
         """The one rule: explicit is honoured as is; ``auto`` never reveals over clear text."""
         choice = mechanism.lower()

@@ -32,7 +32,7 @@ from popsync.plan import ListingItem
 from popsync.pop3 import ScanEntries, UidlEntries
 from popsync.seen import EntryRow, SeenEntry
 
-__all__ = ["Listing", "SeenValue", "SeenView"]
+__all__ = ["Listing", "SeenValue", "SeenView", "uidl_digest"]
 
 _NO_SIZE = -1
 
@@ -66,19 +66,6 @@ class Listing(Sequence[ListingItem]):
 
     def __len__(self) -> int:
         return len(self.numbers)
-
-    def digest(self, salt: bytes) -> bytes:
-        """A hash of the UIDL listing (message numbers and UIDLs, in order) and ``salt``.
-
-        Sizes are left out: they matter only to messages not yet fetched or held too large,
-        and a listing is only remembered as settled when it has neither (`popsync.plan.settled`).
-        No UIDL contains a line feed, so joining with one is unambiguous.
-        """
-        h = hashlib.sha256(salt)
-        h.update(len(self.numbers).to_bytes(8, "little"))
-        h.update(self.numbers.tobytes())
-        h.update(b"\n".join(self.uids))
-        return h.digest()
 
     def joined(self) -> dict[bytes, SeenValue | None]:
         """Each distinct UIDL (the listing's own objects) mapped to its seen entry or None.
@@ -121,6 +108,21 @@ class Listing(Sequence[ListingItem]):
 
     def __repr__(self) -> str:
         return f"Listing({self[:3]!r}{'...' if len(self) > 3 else ''}, n={len(self)})"
+
+
+def uidl_digest(uidl: UidlEntries, salt: bytes) -> bytes:
+    """A hash of a UIDL listing (message numbers and UIDLs, in order) and ``salt``.
+
+    What `popsync.seen.SeenStore.set_listing_digest` keeps for a settled listing. Sizes are
+    left out: they matter only to messages not yet fetched or held too large, and a listing is
+    only remembered as settled when it has neither (`popsync.plan.settled`). No UIDL contains
+    a line feed, so joining with one is unambiguous.
+    """
+    h = hashlib.sha256(salt)
+    h.update(len(uidl.numbers).to_bytes(8, "little"))
+    h.update(uidl.numbers.tobytes())
+    h.update(b"\n".join(uidl.uids))
+    return h.digest()
 
 
 class _Delivered:

@@ -50,7 +50,6 @@ import os
 import select
 import socket
 import ssl
-import tempfile
 import threading
 import time
 import weakref
@@ -208,6 +207,8 @@ def decode_certificate(der: bytes) -> dict[str, Any]:
     decoder = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
     if decoder is None:
         return {}
+    import tempfile  # only a diagnosis gets here; with shutil and random, ~3 ms of a start
+
     fd, name = tempfile.mkstemp(suffix=".pem")
     try:
         with os.fdopen(fd, "w") as handle:

@@ -32,10 +32,11 @@ if TYPE_CHECKING:
     from popsync.client import Pop3Client
     from popsync.config import Account
     from popsync.net import Pace
+    from popsync.plan import Policy
     from popsync.pop3 import ScanEntries, UidlEntries
     from popsync.store import Store
 
-__all__ = ["PreLogin", "pace", "resolve_secret", "starts_early"]
+__all__ = ["PreLogin", "pace", "policy_of", "read_listing", "resolve_secret", "starts_early"]
 
 #: How long the CLI waits for a `PreLogin` to reach the server before importing anyway.
 ON_THE_WIRE_PATIENCE = 2.0
@@ -65,6 +66,47 @@ def resolve_secret(account: Account, store: Store) -> str:
     return resolve(account)
 
 
+#: Salts the listing digest with its own format: a change here makes every stored one stale.
+_DIGEST_VERSION = b"popsync-listing-1\0"
+
+
+def policy_of(account: Account) -> Policy:
+    """The planner's rules for ``account``."""
+    from popsync.plan import Policy
+
+    return Policy(
+        delete=account.delete,
+        delete_after_days=account.delete_after_days,
+        max_message_size=account.max_message_size or None,
+        allow_uidl_reset=account.allow_uidl_reset,
+        forget_after=account.forget_after,
+    )
+
+
+def read_listing(
+    client: Pop3Client, account: Account, settled: bytes | None
+) -> tuple[UidlEntries, ScanEntries | None, bytes]:
+    """UIDL and LIST, and the UIDL listing's digest (`popsync.listing.uidl_digest`).
+
+    With ``settled`` (the digest the last complete run left, see `popsync.plan.settled`)
+    UIDL is asked alone, and LIST only when the digest differs: a nothing-new run then
+    skips LIST (the server's work and ours); a run after new mail pays one round trip more.
+    LIST is None exactly when the digest equals ``settled``.
+    """
+    from popsync.listing import uidl_digest
+
+    if settled is None:
+        uidl, scan = client.listing_entries()  # one round trip with CAPA
+        return uidl, scan, uidl_digest(uidl, _salt(account))
+    uidl = client.uidl_entries()
+    digest = uidl_digest(uidl, _salt(account))
+    return uidl, None if digest == settled else client.scan_entries(), digest
+
+
+def _salt(account: Account) -> bytes:
+    return _DIGEST_VERSION + repr(policy_of(account)).encode()
+
+
 def starts_early(account: Account) -> bool:
     """Whether `PreLogin` may run ``account`` (not OAuth2: a token refresh logs)."""
     return account.oauth2_provider is None
@@ -73,13 +115,15 @@ def starts_early(account: Account) -> bool:
 class _Step:
     """A result or the exception that replaced it, re-raised where the run asks for it."""
 
-    __slots__ = ("error", "value")
+    __slots__ = ("done", "error", "value")
 
     def __init__(self) -> None:
         self.value: object = None
         self.error: BaseException | None = None
+        self.done = threading.Event()
 
     def get(self) -> object:
+        self.done.wait()
         if self.error is not None:
             raise self.error
         return self.value
@@ -89,8 +133,8 @@ class PreLogin:
     """Lock, secret, login and listing of one account, in a thread of its own.
 
     `popsync.sync.sync_account` calls `held_lock`, `secret`, `client` and `entries` in its
-    run's order; each waits for the thread and returns its step's result or raises its
-    exception. `discard` closes whatever was not taken over (always call it).
+    run's order; each waits for its step and returns its result or raises its exception.
+    `discard` closes whatever was not taken over (always call it).
     """
 
     def __init__(self, account: Account, store: Store) -> None:
@@ -111,6 +155,8 @@ class PreLogin:
             self._go()
         finally:
             self.on_the_wire.set()
+            for step in self._steps.values():  # steps after a failure never run
+                step.done.set()
 
     def _go(self) -> None:
         lock = self._store.lock(self.account.mailbox, self.account.name)
@@ -133,6 +179,8 @@ class PreLogin:
         except BaseException as exc:  # re-raised in the run's own thread
             step.error = exc
             return False
+        finally:
+            step.done.set()
         return True
 
     def _login(self, secret: str) -> Pop3Client:
@@ -149,14 +197,14 @@ class PreLogin:
         self._client = open_session(account, secret)
         return self._client
 
-    def _listing(self, client: Pop3Client) -> tuple[UidlEntries, ScanEntries]:
+    def _listing(self, client: Pop3Client) -> tuple[UidlEntries, ScanEntries | None, bytes]:
         account = self.account
         client.set_pace(pace(account, "listing", account.listing_timeout, "listing_timeout"))
-        return client.listing_entries()
+        return read_listing(client, account, self._store.listing_digest(account.mailbox))
 
     # ---------------------------------------------------------- taken over by the run
     def _result(self, name: str) -> object:
-        self._thread.join()
+        """Wait for one step only: the run checks its Maildir while the server lists."""
         return self._steps[name].get()
 
     def held_lock(self) -> AbstractContextManager[None]:
@@ -175,20 +223,19 @@ class PreLogin:
         assert client is not None
         return client  # type: ignore[return-value]
 
-    def entries(self) -> tuple[UidlEntries, ScanEntries]:
-        """UIDL and LIST as `popsync.client.Pop3Client.listing_entries` returned them."""
+    def entries(self) -> tuple[UidlEntries, ScanEntries | None, bytes]:
+        """The listing as `read_listing` returned it."""
         return self._result("entries")  # type: ignore[return-value]
 
     def discard(self) -> None:
-        """Close a session nobody took over and give back a lock nobody did (idempotent)."""
+        """End it all: wait for the thread, close a session nobody took over, give back the
+        lock (`held_lock`'s exit; idempotent). The lock goes last, so no other popsync logs
+        in while this thread may still be talking to the server.
+        """
         self._thread.join()
         client, self._client = self._client, None
         if client is not None:
             client.close()
-        self.release()
-
-    def release(self) -> None:
-        """Give the lock back (`held_lock`'s exit)."""
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.__exit__(None, None, None)
@@ -206,4 +253,4 @@ class _Release(AbstractContextManager[None]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._prelogin.release()
+        self._prelogin.discard()

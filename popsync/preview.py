@@ -168,13 +168,13 @@ def decode_headers(raw: bytes) -> dict[str, str]:
 
 def dry_run(account: Account, secret: str, entries: Mapping[bytes, SeenEntry], now: float) -> Plan:
     """The plan a sync would carry out now; nothing is fetched, deleted or recorded."""
-    from popsync.sync import _policy
+    from popsync.prelogin import policy_of
 
     client = open_session(account, secret)
     try:
         uidls, sizes = client.listings()
         listing = [(msgnum, uidl, sizes.get(msgnum)) for msgnum, uidl in uidls]
-        plan = plan_sync(listing, entries, _policy(account), now)
+        plan = plan_sync(listing, entries, policy_of(account), now)
         client.quit()
     finally:
         client.close()

@@ -58,10 +58,11 @@ from popsync.errors import ExitCode, LocalIOError, PopsyncError
 from popsync.listing import Listing, SeenView
 from popsync.maildir import Maildir, TmpMessage, process_gone, sanitize_host
 from popsync.owner import claim_maildir, refuse_foreign_root
-from popsync.plan import Plan, Policy, plan_sync, settled, show_uidl
+from popsync.plan import Plan, plan_sync, settled, show_uidl
+from popsync.pop3 import ScanEntries
 from popsync.pop3 import errors as pop3_errors
 from popsync.pop3.sasl import REVEALING, credential_forms
-from popsync.prelogin import PreLogin, pace, resolve_secret
+from popsync.prelogin import PreLogin, pace, policy_of, read_listing, resolve_secret
 from popsync.textsafe import add_secrets, safe_text, scrub_scope
 from popsync.trace import TraceHeaders
 from popsync.units import human_bytes
@@ -208,20 +209,6 @@ def classify_error(exc: BaseException, *, during_login: bool = False) -> ExitCod
     if isinstance(exc, OSError):
         return ExitCode.LOCAL_IO
     return ExitCode.SOFTWARE
-
-
-#: Salts the listing digest with its own format: a change here makes every stored one stale.
-_DIGEST_VERSION = b"popsync-listing-1\0"
-
-
-def _policy(account: Account) -> Policy:
-    return Policy(
-        delete=account.delete,
-        delete_after_days=account.delete_after_days,
-        max_message_size=account.max_message_size or None,
-        allow_uidl_reset=account.allow_uidl_reset,
-        forget_after=account.forget_after,
-    )
 
 
 # --------------------------------------------------------------------------- recovery
@@ -651,10 +638,6 @@ def _retr_guard(account: Account) -> int | None:
     return None if not limit else limit + limit // 10 + 65536
 
 
-def _listing(client: Pop3Client) -> Listing:
-    return Listing(*client.listing_entries())
-
-
 def _session(
     account: Account,
     client: Pop3Client,
@@ -677,10 +660,13 @@ def _session(
 
     try:
         if prelogin is not None:
-            listing = Listing(*prelogin.entries())
+            uidl, scan, digest = prelogin.entries()
         else:
             client.set_pace(pace(account, "listing", account.listing_timeout, "listing_timeout"))
-            listing = _listing(client)  # also asks the post-login CAPA, pipelined
+            # Also asks the post-login CAPA, pipelined.
+            uidl, scan, digest = read_listing(
+                client, account, store.listing_digest(account.mailbox)
+            )
         # Logged only now: before the listing, reading capabilities would cost a round trip.
         log.debug(
             "logged in",
@@ -688,20 +674,22 @@ def _session(
             capabilities=sorted(client.capabilities()),
         )
         result.retry_after = _login_delay(client)
-        result.on_server = len(listing)
+        result.on_server = len(uidl)
         if account.first_run == "mark_seen" and is_first_run(store, account.mailbox):
+            # Only UIDLs are read: sizes may be unknown (LIST skipped) here.
+            listing = Listing(uidl, ScanEntries() if scan is None else scan)
             result.marked_seen = mark_seen(store, account.mailbox, listing, clock())
             log.info("first run: marked every message as seen", count=result.marked_seen)
             client.quit()
             return True
-        policy = _policy(account)
-        digest = listing.digest(_DIGEST_VERSION + repr(policy).encode())
-        if digest == store.listing_digest(account.mailbox):
-            # The last complete run left this very listing settled and no seen row changed
-            # since (plan.settled): the plan would be empty, so neither read nor make it.
+        if scan is None:
+            # The UIDL listing is the one the last complete run left settled and no seen row
+            # changed since (plan.settled, read_listing): the plan would be empty.
             log.debug("listing unchanged since the last complete run: nothing to do")
             client.quit()
             return True
+        listing = Listing(uidl, scan)
+        policy = policy_of(account)
         # Both sides stay compact: a mailbox may list a million messages (see listing.py).
         seen = SeenView(
             listing, store.delivered_times(account.mailbox), store.other_rows(account.mailbox)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from devtools.dovecot import Dovecot, MailUser
+from popsync.client import Pop3Client
 from popsync.config import Account
 from popsync.seen import SeenStore
 from popsync.sync import RunResult, sync_account
@@ -47,6 +48,25 @@ def _account(dovecot: Dovecot, user: MailUser, tmp_path: Path, **extra: str | in
     return dovecot_account(dovecot, user, tmp_path / "Maildir", tmp_path / "state", **extra)[1]
 
 
+@pytest.fixture
+def lists(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each LIST the client asks for: "pipelined" (with UIDL) or "alone"."""
+    asked: list[str] = []
+    both, alone = Pop3Client.listing_entries, Pop3Client.scan_entries
+
+    def with_uidl(self: Pop3Client) -> object:
+        asked.append("pipelined")
+        return both(self)
+
+    def after_uidl(self: Pop3Client) -> object:
+        asked.append("alone")
+        return alone(self)
+
+    monkeypatch.setattr(Pop3Client, "listing_entries", with_uidl)
+    monkeypatch.setattr(Pop3Client, "scan_entries", after_uidl)
+    return asked
+
+
 def _sync(account: Account, store: CountingStore) -> tuple[RunResult, bool]:
     """One run; whether it planned (read the seen rows)."""
     before = store.plans
@@ -56,21 +76,22 @@ def _sync(account: Account, store: CountingStore) -> tuple[RunResult, bool]:
 
 
 def test_nothing_new_skips_the_plan_and_new_mail_still_arrives(
-    dovecot: Dovecot, mail_user: MailUser, store: CountingStore, tmp_path: Path
+    dovecot: Dovecot, mail_user: MailUser, store: CountingStore, tmp_path: Path, lists: list[str]
 ) -> None:
-    """The second run skips planning; a new message ends the skip and is fetched once."""
+    """The second run skips LIST and planning; new mail ends the skip and is fetched once."""
     dovecot.deliver_many(mail_user, [make_message(i) for i in range(3)])
     account = _account(dovecot, mail_user, tmp_path)
     first, planned = _sync(account, store)
-    assert (first.fetched, planned) == (3, True)
+    assert (first.fetched, planned, lists) == (3, True, ["pipelined"])
     again, planned = _sync(account, store)
-    assert (again.fetched, again.on_server, planned) == (0, 3, False)
+    assert (again.fetched, again.on_server, planned, lists) == (0, 3, False, ["pipelined"])
     dovecot.deliver(mail_user, make_message(3))
     newer, planned = _sync(account, store)
-    assert (newer.fetched, planned) == (1, True)
+    assert (newer.fetched, planned, lists) == (1, True, ["pipelined", "alone"])
     assert len(maildir_messages(tmp_path / "Maildir")) == 4
     last, planned = _sync(account, store)
     assert (last.fetched, last.on_server, planned) == (0, 4, False)
+    assert lists == ["pipelined", "alone"]
 
 
 def test_a_changed_policy_or_a_changed_row_plans_again(

@@ -382,6 +382,28 @@ def test_login_and_listings_share_round_trips_when_pipelining(offered: bool) -> 
         assert server.followed == []
 
 
+@pytest.mark.parametrize("offered", [False, True])
+def test_uidl_alone_then_list_alone(offered: bool) -> None:
+    """uidl_entries sends CAPA+UIDL together when pipelining; scan_entries LIST by itself."""
+    messages = [b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n) for n in range(1, 4)]
+    caps = capa(b"USER", b"UIDL", b"PIPELINING") if offered else capa(b"USER", b"UIDL")
+    server = LockstepServer(caps, messages)
+    with Pop3Client.connect("127.0.0.1", server.port, tls="none", timeout=5) as client:
+        client.capabilities()
+        client.login("bob", "pw", mechanism="user", allow_plaintext=True)
+        uidls = client.uidl_entries()
+        sizes = client.scan_entries()
+        client.quit()
+    server.join()
+    assert list(uidls) == [(n, b"uid%d" % n) for n in range(1, 4)]
+    assert dict(sizes) == {n: len(m) for n, m in enumerate(messages, 1)}
+    assert server.commands == [b"CAPA", b"USER bob", b"PASS pw", b"CAPA", b"UIDL", b"LIST", b"QUIT"]
+    if offered:
+        assert server.followed == [b"USER bob", b"CAPA"]
+    else:
+        assert server.followed == []
+
+
 def test_retr_many_error_finishes_inflight_then_raises(serve: list[FakePop3Server]) -> None:
     """A -ERR in a pipelined batch: the other replies are delivered, then the error is raised."""
     server = start(
