@@ -21,14 +21,20 @@ from tests.synchelp import TomlValue, dovecot_keys, maildir_messages, make_messa
 ROOT = Path(__file__).resolve().parents[2]
 NEVER_ON_A_TIMER_RUN = ("rich", "apscheduler", "asyncio", "psycopg", "psycopg_pool")
 # Loaded only when a run needs them: trace header fields (email), password_command
-# (subprocess), config validation (decimal, pydantic), and structlog's deprecated
-# threadlocal and its Twisted integration (never).
+# (subprocess), config validation (decimal, pydantic), structlog's deprecated threadlocal
+# and its Twisted integration (never), a config re-parsed for an inline password (tomllib),
+# a class without a docstring (inspect), a config cache written or a certificate diagnosed
+# (tempfile, shutil).
 ONLY_WHEN_NEEDED = (
     "email",
     "subprocess",
     "decimal",
     "structlog.threadlocal",
     "structlog.twisted",
+    "tomllib",
+    "inspect",
+    "tempfile",
+    "shutil",
 )
 
 # Runs popsync's main() and writes the names of all imported modules to $MODULES_OUT.
