@@ -203,6 +203,11 @@ class TmpMessage:
         return self._dir / self.name
 
     @property
+    def file_name(self) -> str:
+        """The name of the file in tmp/ the message is written to."""
+        return self.name
+
+    @property
     def closed(self) -> bool:
         """True once finished or discarded."""
         return self._fd is None
@@ -281,14 +286,22 @@ class TmpMessage:
             _raise_local(exc, f"fsync {self.path}")
         self._fd = None
         self._finished = True
-        os.close(fd)
+        self._close(fd)
 
     def discard(self) -> None:
         """Close (if open) and delete the tmp file; safe to call twice."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)
+            self._close(fd)
         self._buffer.clear()
+        self._remove()
+
+    def _close(self, fd: int) -> None:
+        """Let go of the file descriptor (a message sharing a batch's file keeps it open)."""
+        os.close(fd)
+
+    def _remove(self) -> None:
+        """Delete what was written (a message sharing a batch's file cuts it back)."""
         with suppress(FileNotFoundError):
             os.unlink(os.path.join(self._dir, self.name))
 
@@ -340,6 +353,10 @@ class Maildir:
 
     def open_tmp(self) -> TmpMessage:
         """Create a new empty file (``file_mode`` less the umask) in tmp/ with a fresh name."""
+        return TmpMessage(self, *self.create_tmp())
+
+    def create_tmp(self) -> tuple[str, int]:
+        """A new empty file in tmp/ with a fresh name: (name, write-only file descriptor)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         for _ in range(10):
             name = new_unique_name(self.hostname)
@@ -349,7 +366,7 @@ class Maildir:
                 continue
             except OSError as exc:
                 _raise_local(exc, "create a file in")
-            return TmpMessage(self, name, fd)
+            return name, fd
         raise LocalIOError(f"cannot find a free name in {self.tmp}")
 
     def deliver(self, names: Sequence[str], vsizes: Mapping[str, int] | None = None) -> list[str]:

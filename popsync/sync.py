@@ -39,6 +39,7 @@ and a failed run removes its own before it returns. ``tests/crashwrap.py`` kills
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import re
@@ -283,7 +284,7 @@ def _open_tmp(target: Target) -> TmpMessage:
     """open() and register the name in one step, so clean_debris never sees it bare."""
     with _inflight_lock:
         tmp = target.open()
-        _inflight.add(tmp.name)
+        _inflight.add(tmp.file_name)  # a batch's messages may share one file
     return tmp
 
 
@@ -363,11 +364,15 @@ class _Batcher:
         self._releases: list[Future[None]] = []
 
     def add(self, uidl: bytes, tmp: TmpMessage, wire_size: int) -> None:
-        # Step 1 runs in the background: write out, fsync and close the file while the
-        # next messages arrive. commit() waits for every flush before step 2.
-        flush = _fsync_executor().submit(tmp.finish, fsync=True)
-        flush.add_done_callback(self._note_failure)
-        self._flushes.append(flush)
+        if self._target.shared_spool:
+            # The batch's messages share one spool file, fsynced once by commit().
+            tmp.finish(fsync=False)
+        else:
+            # Step 1 runs in the background: write out, fsync and close the file while the
+            # next messages arrive. commit() waits for every flush before step 2.
+            flush = _fsync_executor().submit(tmp.finish, fsync=True)
+            flush.add_done_callback(self._note_failure)
+            self._flushes.append(flush)
         self._items.append((uidl, tmp))
         self._wire[tmp.name] = wire_size
         self._bytes += tmp.size
@@ -390,6 +395,14 @@ class _Batcher:
         A file whose flush failed (disk full, say) was already removed by ``finish``; the
         others are durable and are still committed, so a full disk keeps what fits.
         """
+        if self._target.shared_spool:
+            try:
+                self._target.seal()  # one fsync for the whole batch
+            except BaseException as exc:  # the file is gone: nothing of the batch is durable
+                for _, tmp in items:
+                    self._wire.pop(tmp.name, None)
+                return [], exc
+            return items, None
         flushes, self._flushes = self._flushes, []
         self._failed = False
         durable: list[tuple[bytes, TmpMessage]] = []
@@ -557,7 +570,7 @@ def _fetch(
             raise StopRequested("stopping: shutdown requested")
         inflight[0] = msgnum
         tmp = _open_tmp(target)
-        opened.append(tmp.name)
+        opened.append(tmp.file_name)
         current.append(tmp)
         if trace:
             tmp.write(trace.prefix(uidl_of[msgnum], clock()))
@@ -896,12 +909,14 @@ def _prepare(
     clock: Callable[[], float],
     fence: Callable[[], None] | None,
     log: structlog.typing.FilteringBoundLogger,
+    cleanup: contextlib.ExitStack,
 ) -> Target:
     """With the lock held, before the session: check the destination, recover, clean up."""
     for path, what in ((account.maildir, "Maildir"), (account.mbox, "mbox")):
         if path is not None:
             refuse_foreign_root(path, what)
     target = open_target(account, store.state_dir)
+    cleanup.callback(target.close)  # an LMTP target's kept-open sessions, once the run ends
     if account.maildir is not None and store.path is not None:
         # A database server's store is shared by every worker: nothing to claim.
         claim_maildir(account.maildir, store.path)
@@ -951,8 +966,8 @@ def sync_account(
             lock = prelogin.held_lock()
         else:
             lock = store.lock(account.mailbox, account.name)
-        with lock:
-            target = _prepare(account, store, result, clock, fence, log)
+        with lock, contextlib.ExitStack() as cleanup:
+            target = _prepare(account, store, result, clock, fence, log, cleanup)
             if prelogin is not None:
                 secret = prelogin.secret()
             elif secret_resolver is not None:

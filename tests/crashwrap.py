@@ -6,7 +6,10 @@ Usage (from the repository root)::
 
 Steps (the durability order of ``popsync/sync.py``, each counted from 1 with ``--nth``):
 
-``tmp-fsync``   after the Nth message file in tmp/ was written, fsynced and closed
+``tmp-fsync``   after the Nth message file in tmp/ was written, fsynced and closed (for a
+                spool shared by a batch, LMTP's: after the Nth message was appended)
+``spool-fsync`` after the Nth fsync of a batch's shared spool file (LMTP), before the batch
+                is recorded pending
 ``pending``     after the Nth ``add_pending`` transaction committed
 ``rename``      after the Nth single rename into new/ (before new/ is fsynced)
 ``new-fsync``   after the Nth fsync of new/ (before ``mark_delivered``)
@@ -50,6 +53,7 @@ __all__ = ["STEPS", "CrashPlan", "install", "main"]
 
 STEPS = (
     "tmp-fsync",
+    "spool-fsync",
     "pending",
     "rename",
     "new-fsync",
@@ -166,8 +170,11 @@ def install(plan: CrashPlan) -> None:
     store_cls = seen.SeenStore
     store_cls.add_pending = _after(plan, "pending", store_cls.add_pending)  # type: ignore[method-assign]
     store_cls.mark_delivered = _after(plan, "delivered", store_cls.mark_delivered)  # type: ignore[method-assign]
-    from popsync.deliver import lmtp, mbox, mda
+    from popsync.deliver import lmtp, mbox, mda, spool
     from popsync.deliver import maildir as maildir_target
+
+    spool_cls = spool.BatchSpool
+    spool_cls.seal = _after(plan, "spool-fsync", spool_cls.seal)  # type: ignore[method-assign]
 
     for target in (lmtp.LmtpTarget, mda.MdaTarget, mbox.MboxTarget, maildir_target.MaildirTarget):
         target.hand_over = _after(plan, "handover", target.hand_over)  # type: ignore[method-assign]

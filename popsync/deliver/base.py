@@ -102,9 +102,16 @@ class Target(Protocol):
     #: True when `hand_over` may run in a background thread while the next batch streams
     #: in (it must then touch neither the seen-store nor ``sync``'s state).
     overlap: bool
+    #: True when a batch's messages share one spool file that `seal` fsyncs once (LMTP);
+    #: False when each message is its own file, fsynced by `TmpMessage.finish`.
+    shared_spool: bool
 
     def open(self) -> TmpMessage:
         """A new spool file for one message (the sink RETR streams into)."""
+        ...
+
+    def seal(self) -> None:
+        """Make the messages opened since the last seal durable (a shared spool's fsync)."""
         ...
 
     def hand_over(self, items: Sequence[Spooled]) -> list[Outcome]:
@@ -157,6 +164,7 @@ class SpoolTarget:
     #: Handing over to an agent is slow (a server's fsyncs, a process per message) and
     #: shares nothing with the download, so ``sync`` overlaps it with the next batch.
     overlap = True
+    shared_spool = False
 
     def __init__(self, spool_path: Path, line_endings: LineEndings = "crlf") -> None:
         spool_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -164,6 +172,9 @@ class SpoolTarget:
 
     def open(self) -> TmpMessage:
         return self.spool.open_tmp()
+
+    def seal(self) -> None:
+        return None
 
     def path(self, name: str) -> Path:
         """The spool file of a pending message."""
@@ -185,15 +196,25 @@ class SpoolTarget:
         return None
 
 
-def envelope_sender(path: Path, limit: int = 65536) -> str:
+#: How far into a message `sender_in` looks for the header block's end.
+HEAD_LIMIT = 65536
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_RETURN_PATH = re.compile(
+    rb"(?im)^Return-Path:[ \t]*<([^<>\s\"()\\,;:]*(?:@[A-Za-z0-9.\[\]:-]+)?)>[ \t]*\r?$"
+)
+
+
+def envelope_sender(path: Path, limit: int = HEAD_LIMIT) -> str:
     """The address of the message's first Return-Path header, or "" (the null sender)."""
     with path.open("rb") as file:
-        head = file.read(limit)
-    end = re.search(rb"\r?\n\r?\n", head)
-    found = re.search(
-        rb"(?im)^Return-Path:[ \t]*<([^<>\s\"()\\,;:]*(?:@[A-Za-z0-9.\[\]:-]+)?)>[ \t]*\r?$",
-        head[: end.start()] if end else head,
-    )
+        return sender_in(file.read(limit))
+
+
+def sender_in(head: bytes) -> str:
+    """`envelope_sender` for a message's first bytes (at most `HEAD_LIMIT` are looked at)."""
+    head = head[:HEAD_LIMIT]
+    end = _HEAD_END.search(head)
+    found = _RETURN_PATH.search(head[: end.start()] if end else head)
     if found is None:
         return ""
     address = found.group(1).decode("ascii", "replace")

@@ -24,6 +24,8 @@ class MaildirTarget:
     kind = "maildir"
     #: Renames and one directory fsync per batch: too cheap to be worth a thread.
     overlap = False
+    #: Each message is its own file in tmp/, renamed into new/ on delivery.
+    shared_spool = False
 
     def __init__(
         self,
@@ -39,6 +41,9 @@ class MaildirTarget:
 
     def open(self) -> TmpMessage:
         return self.spool.open_tmp()
+
+    def seal(self) -> None:
+        return None  # each file was fsynced by its TmpMessage.finish
 
     def hand_over(self, items: Sequence[Spooled]) -> list[Outcome]:
         vsizes = {i.name: i.vsize for i in items if i.vsize is not None}

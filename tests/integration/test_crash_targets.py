@@ -54,6 +54,10 @@ STEPS = [
     ("delivered", 2),
     ("dele", 1),
 ]
+# (kind, step, nth): every step for every target, and the steps only one target has.
+CASES = [(kind, step, nth) for kind in ("lmtp", "mda", "mbox") for step, nth in STEPS] + [
+    ("lmtp", "spool-fsync", 2),  # the batch's one spool fsync, before it is pending
+]
 
 
 def _read_lmtp(server: DovecotLmtp, rcpt: MailUser) -> Callable[[], list[bytes]]:
@@ -108,8 +112,7 @@ def _settled_count(delivered: Callable[[], list[bytes]]) -> int:
     return count
 
 
-@pytest.mark.parametrize("kind", ["lmtp", "mda", "mbox"])
-@pytest.mark.parametrize(("step", "nth"), STEPS, ids=[s for s, _ in STEPS])
+@pytest.mark.parametrize(("kind", "step", "nth"), CASES, ids=[f"{s}-{k}" for k, s, _ in CASES])
 def test_sigkill_at_each_step_of_a_spooled_delivery(
     dovecot: Dovecot,
     mail_user: MailUser,

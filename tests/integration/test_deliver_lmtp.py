@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from devtools.dovecot import Dovecot, DovecotLmtp, MailUser
+from popsync import net
 from popsync import sync as sync_module
 from popsync.cli import main
 from popsync.deliver import Outcome, Spooled
@@ -205,7 +206,8 @@ def test_unreachable_server_defers_then_delivers_from_the_spool(
     assert (result.outcome, result.exit_code) == ("temporary", ExitCode.TEMPORARY)
     assert "delivery deferred for 3 message(s)" in (result.error or "")
     assert {e.state for e in only_entries(store).values()} == {"pending"}
-    assert len(list((tmp_path / "state" / "spool" / "acct" / "tmp").iterdir())) == 3
+    (spooled,) = (tmp_path / "state" / "spool" / "acct" / "tmp").iterdir()  # one per batch
+    assert spooled.stat().st_size == sum(e.size or 0 for e in only_entries(store).values())
     assert len(dovecot.messages(mail_user)) == 3  # nothing DELEd
     done = _sync(dovecot, mail_user, tmp_path, store, **keys)
     assert done.outcome == "ok", done.error
@@ -257,6 +259,35 @@ def test_next_batch_streams_while_the_last_is_handed_over(
     # One batch at a time: each hand-over starts after the one before was committed.
     assert all(spans[k][0] >= spans[k - 1][1] for k in range(1, 3))
     assert list((tmp_path / "state" / "spool" / "acct" / "tmp").iterdir()) == []
+
+
+def test_sessions_stay_open_from_batch_to_batch(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    store: SeenStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three batches on two sessions connect twice, and every message lands exactly once."""
+    rcpt = lmtp_server.new_user("k")
+    messages = [make_message(i, tag="kept") for i in range(12)]
+    dovecot.deliver_many(mail_user, messages)
+    monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    streams: list[net.Stream] = []
+    real_connect = net.connect_unix
+
+    def connect_unix(path: str, *, timeout: float | None) -> net.Stream:
+        streams.append(real_connect(path, timeout=timeout))
+        return streams[-1]
+
+    monkeypatch.setattr(net, "connect_unix", connect_unix)
+    keys = _lmtp_keys(lmtp_server, rcpt)
+    result = _sync(dovecot, mail_user, tmp_path, store, lmtp_sessions=2, **keys)
+    assert result.outcome == "ok", result.error
+    assert result.fetched == 12
+    assert len(streams) == 2
+    assert_exactly_once([strip_trace(m) for m in lmtp_server.folder_messages(rcpt)], messages)
 
 
 def test_deferral_mid_run_stops_the_download_and_keeps_the_rest_pending(

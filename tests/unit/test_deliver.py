@@ -98,10 +98,11 @@ def test_unreachable_lmtp_defers_every_message(tmp_path: Path) -> None:
     target = LmtpTarget(tmp_path / "spool", address=f"unix:{tmp_path}/none", recipient="r")
     with target.open() as msg:
         msg.write(b"Subject: x\r\n\r\ny\r\n")
+    target.seal()
     outcomes = target.hand_over([Spooled(b"u", msg.name, msg.size)])
     assert len(outcomes) == 1
     assert isinstance(outcomes[0], Temporary)
-    assert (tmp_path / "spool" / "tmp" / msg.name).exists()
+    assert msg.path.read_bytes() == b"Subject: x\r\n\r\ny\r\n"  # still spooled
 
 
 def test_expand_argv_placeholders() -> None:
