@@ -361,47 +361,38 @@ def test_pipelining_only_when_offered(offered: bool) -> None:
         assert server.early == 0
 
 
+def _listed(client: Pop3Client, separately: bool) -> tuple[list[tuple[int, bytes]], dict[int, int]]:
+    if separately:
+        return list(client.uidl_entries()), dict(client.scan_entries())
+    return client.listings()
+
+
 @pytest.mark.parametrize("offered", [False, True])
-def test_login_and_listings_share_round_trips_when_pipelining(offered: bool) -> None:
-    """With PIPELINING, USER+PASS go together and CAPA+UIDL+LIST go together."""
+@pytest.mark.parametrize(
+    ("separately", "pipelined"),
+    [(False, [b"USER bob", b"CAPA", b"UIDL"]), (True, [b"USER bob", b"CAPA"])],
+    ids=["listings", "uidl-then-list"],
+)
+def test_login_and_listings_share_round_trips_when_pipelining(
+    offered: bool, separately: bool, pipelined: list[bytes]
+) -> None:
+    """With PIPELINING, USER+PASS go together and CAPA+UIDL(+LIST) go together.
+
+    ``uidl_entries`` then ``scan_entries`` (a settled listing's order) send LIST by itself.
+    """
     messages = [b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n) for n in range(1, 4)]
     caps = capa(b"USER", b"UIDL", b"PIPELINING") if offered else capa(b"USER", b"UIDL")
     server = LockstepServer(caps, messages)
     with Pop3Client.connect("127.0.0.1", server.port, tls="none", timeout=5) as client:
         client.capabilities()
         client.login("bob", "pw", mechanism="user", allow_plaintext=True)
-        uidls, sizes = client.listings()
+        uidls, sizes = _listed(client, separately)
         client.quit()
     server.join()
     assert uidls == [(n, b"uid%d" % n) for n in range(1, 4)]
     assert sizes == {n: len(m) for n, m in enumerate(messages, 1)}
     assert server.commands == [b"CAPA", b"USER bob", b"PASS pw", b"CAPA", b"UIDL", b"LIST", b"QUIT"]
-    if offered:
-        assert server.followed == [b"USER bob", b"CAPA", b"UIDL"]
-    else:
-        assert server.followed == []
-
-
-@pytest.mark.parametrize("offered", [False, True])
-def test_uidl_alone_then_list_alone(offered: bool) -> None:
-    """uidl_entries sends CAPA+UIDL together when pipelining; scan_entries LIST by itself."""
-    messages = [b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n) for n in range(1, 4)]
-    caps = capa(b"USER", b"UIDL", b"PIPELINING") if offered else capa(b"USER", b"UIDL")
-    server = LockstepServer(caps, messages)
-    with Pop3Client.connect("127.0.0.1", server.port, tls="none", timeout=5) as client:
-        client.capabilities()
-        client.login("bob", "pw", mechanism="user", allow_plaintext=True)
-        uidls = client.uidl_entries()
-        sizes = client.scan_entries()
-        client.quit()
-    server.join()
-    assert list(uidls) == [(n, b"uid%d" % n) for n in range(1, 4)]
-    assert dict(sizes) == {n: len(m) for n, m in enumerate(messages, 1)}
-    assert server.commands == [b"CAPA", b"USER bob", b"PASS pw", b"CAPA", b"UIDL", b"LIST", b"QUIT"]
-    if offered:
-        assert server.followed == [b"USER bob", b"CAPA"]
-    else:
-        assert server.followed == []
+    assert server.followed == (pipelined if offered else [])
 
 
 def test_retr_many_error_finishes_inflight_then_raises(serve: list[FakePop3Server]) -> None:
