@@ -126,6 +126,33 @@ MIGRATIONS: tuple[str, ...] = (
         consecutive_failures integer NOT NULL
     );
     """,
+    # 2 -> 3: settled-listing digests (popsync.seen's version 4). Any statement that changes a
+    # mailbox's seen rows drops its digest in the same transaction: statement-level triggers
+    # with transition tables, one DELETE per statement however many rows a batch holds.
+    """
+    CREATE TABLE listings (
+        mailbox text COLLATE "C" PRIMARY KEY,
+        digest  bytea NOT NULL
+    );
+    CREATE FUNCTION popsync_unsettle() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        DELETE FROM listings WHERE mailbox IN (SELECT mailbox FROM changed);
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION popsync_unsettle_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        DELETE FROM listings
+            WHERE mailbox IN (SELECT mailbox FROM changed UNION SELECT mailbox FROM moved);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER seen_insert_unsettles AFTER INSERT ON seen
+        REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION popsync_unsettle();
+    CREATE TRIGGER seen_delete_unsettles AFTER DELETE ON seen
+        REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION popsync_unsettle();
+    CREATE TRIGGER seen_update_unsettles AFTER UPDATE ON seen
+        REFERENCING OLD TABLE AS changed NEW TABLE AS moved
+        FOR EACH STATEMENT EXECUTE FUNCTION popsync_unsettle_moved();
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

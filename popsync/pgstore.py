@@ -446,15 +446,18 @@ class PgStore:
     # --- settled listings -------------------------------------------------------------------
 
     def listing_digest(self, mailbox: str) -> bytes | None:
-        """Always None: fleet mode plans every listing (see `SeenStore.listing_digest`).
+        """See `SeenStore.listing_digest` (triggers in `popsync.lease` migration 3 drop it)."""
+        rows = self._read("SELECT digest FROM listings WHERE mailbox = %s", (mailbox,))
+        return bytes(rows[0][0]) if rows else None
 
-        The shortcut serves short ``--once`` runs on the SQLite store; on PostgreSQL it would
-        need its own table and triggers in `popsync.lease`'s schema history, not built yet.
-        """
-        return None
-
-    def set_listing_digest(self, mailbox: str, digest: bytes) -> None:
-        """Nothing is kept (see `listing_digest`)."""
+    def set_listing_digest(self, mailbox: str, digest: bytes, *, fence: str | None = None) -> None:
+        """See `SeenStore.set_listing_digest`; fenced like every write."""
+        with self._tx(mailbox, fence) as conn:
+            conn.execute(
+                b"INSERT INTO listings (mailbox, digest) VALUES (%s, %s)"
+                b" ON CONFLICT (mailbox) DO UPDATE SET digest = EXCLUDED.digest",
+                (mailbox, digest),
+            )
 
     # --- runs -----------------------------------------------------------------------------------
 
@@ -684,12 +687,12 @@ class FencedStore:
         return self.store.adopt_labels(mailboxes, fence=self.token)
 
     def listing_digest(self, mailbox: str) -> bytes | None:
-        """See `PgStore.listing_digest` (always None)."""
+        """See `PgStore.listing_digest`."""
         return self.store.listing_digest(mailbox)
 
     def set_listing_digest(self, mailbox: str, digest: bytes) -> None:
-        """See `PgStore.set_listing_digest` (keeps nothing)."""
-        self.store.set_listing_digest(mailbox, digest)
+        """See `PgStore.set_listing_digest`; fenced."""
+        self.store.set_listing_digest(mailbox, digest, fence=self.token)
 
     def record_run(self, mailbox: str, record: RunRecord) -> RunRecord:
         """See `PgStore.record_run`; fenced."""

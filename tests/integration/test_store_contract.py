@@ -8,7 +8,7 @@ tests/integration/test_pgstore.py.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -266,3 +266,29 @@ def test_state_dir_is_the_local_directory(store: Store, tmp_path: Path) -> None:
     """state_dir is where spools and tokens live; only SQLite has a file to claim Maildirs by."""
     assert store.state_dir == tmp_path / "state"
     assert (store.path is None) == (not isinstance(store, SeenStore))
+
+
+def test_a_listing_digest_lasts_until_a_row_of_its_mailbox_changes(store: Store) -> None:
+    """Every write to a mailbox's seen rows drops its digest; no other mailbox's, no run record."""
+    store.mark_delivered("a", [(b"u1", "x")], at=1.0)
+    writes: dict[str, Callable[[], object]] = {
+        "pending": lambda: store.add_pending("a", [(b"n", "name", 1)], at=1.0),
+        "delivered": lambda: store.mark_delivered("a", [(b"u2", "x")], 2.0),
+        "rejected": lambda: store.mark_rejected("a", [(b"n", "refused")], 2.0),
+        "too large": lambda: store.mark_too_large("a", [(b"big", 9)], 2.0),
+        "absent": lambda: store.note_absent("a", [b"u1"], 2.0),
+        "present": lambda: store.note_present("a", [b"u1"]),
+        "deleted": lambda: store.mark_deleted("a", [b"u1"], 2.0),
+        "forget": lambda: store.forget("a", [b"u2"]),
+    }
+    assert store.listing_digest("a") is None
+    for what, write in writes.items():
+        store.set_listing_digest("a", b"A" * 32)
+        store.set_listing_digest("b", b"B" * 32)
+        assert store.listing_digest("a") == b"A" * 32
+        write()
+        assert store.listing_digest("a") is None, what
+        assert store.listing_digest("b") == b"B" * 32, what
+    store.set_listing_digest("a", b"C" * 32)
+    store.record_run("a", RunRecord(started=1.0, finished=2.0, outcome="ok"))
+    assert store.listing_digest("a") == b"C" * 32
