@@ -447,7 +447,8 @@ class LmtpTarget(SpoolTarget):
             session.abort()
 
     def close(self) -> None:
-        """QUIT the kept-open sessions."""
+        """QUIT the kept-open sessions; drop a batch file the run never sealed."""
+        self._batches.abandon()
         with self._lock:
             idle, self._idle = self._idle, []
         for session in idle:

@@ -132,6 +132,17 @@ class BatchSpool:
             if not batch.live:
                 self._forget(batch.name)
 
+    def abandon(self) -> None:
+        """Close and remove a batch file never sealed (a run that failed mid-batch).
+
+        No pending row can name it: rows are recorded only after `seal`.
+        """
+        batch, self._current = self._current, None
+        if batch is not None:
+            os.close(batch.fd)
+            batch.live.clear()
+            self._forget(batch.name)
+
     def drop(self, batch: _Batch, segment: Segment) -> None:
         """A message is discarded: cut it off the file being written, or forget it."""
         with self._lock:

@@ -8,6 +8,7 @@ here by a small threaded server on a unix socket that decides each reply from a 
 from __future__ import annotations
 
 import io
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -263,3 +264,16 @@ def test_a_discarded_message_is_cut_off_its_batch_file(tmp_path: Path) -> None:
     lone.discard()
     target.seal()
     assert list((tmp_path / "spool" / "tmp").iterdir()) == [kept.path]
+
+
+def test_closing_drops_a_batch_file_never_sealed(tmp_path: Path) -> None:
+    """A run that ends mid-batch leaves no open file and no spool file behind."""
+    target = LmtpTarget(tmp_path / "spool", address=f"unix:{tmp_path}/none", recipient="r@x")
+    open_files = len(os.listdir("/proc/self/fd"))
+    tmp = target.open()
+    tmp.write(b"Subject: never sealed\r\n\r\nx\r\n")
+    tmp.finish(fsync=False)
+    assert len(os.listdir("/proc/self/fd")) == open_files + 1
+    target.close()
+    assert len(os.listdir("/proc/self/fd")) == open_files
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
