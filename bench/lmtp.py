@@ -5,7 +5,10 @@ One command (as root; needs dovecot-lmtpd, dovecot-sieve, fetchmail, mpop)::
     .venv/bin/python -m bench.lmtp [--runs 3] [--quick] [--only LABEL,...]
 
 ``--only`` keeps the rows whose label starts with one of the given prefixes (``--only
-"popsync lmtp x4,fetchmail,load client x4"``); the default runs every row.
+"popsync lmtp x4,fetchmail,load client x4"``); the default runs every row. ``--baseline
+DIR`` adds the row ``popsync lmtp x4 (baseline)``: the popsync of another checkout (``git
+worktree add DIR COMMIT``), run in the same loop, so a change is measured before/after in
+one run.
 
 Everything runs against one private POP3 Dovecot and one private LMTP Dovecot (with
 ``mail_fsync = optimized``, as a real server) in the same run, each tool into a fresh
@@ -74,13 +77,13 @@ def _mbox_ids(path: Path) -> Counter[bytes]:
     return found
 
 
-def _timed(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
-    """Run under GNU time; return (wall seconds, exit code, peak RSS KiB)."""
+def _timed(argv: Sequence[str], cwd: Path | None = None) -> tuple[float, int, int]:
+    """Run under GNU time (in ``cwd``); return (wall seconds, exit code, peak RSS KiB)."""
     with tempfile.NamedTemporaryFile("r") as out:
         started = time.monotonic()
         proc = subprocess.run(
             ["/usr/bin/time", "-o", out.name, "-f", "%M", *argv],
-            env=env,
+            cwd=cwd,
             capture_output=True,
             check=False,
         )
@@ -152,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="", help="comma-separated label prefixes to run")
+    parser.add_argument("--baseline", type=Path, help="another checkout's popsync, as a row")
     opts = parser.parse_args(argv)
     only = tuple(p.strip() for p in opts.only.split(",") if p.strip())
 
@@ -243,12 +247,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "mpop mda dovecot-lda": mpop("mpop", f"mda {' '.join(lda)} {{rcpt}}"),
                 "mpop mbox": mpop("mpop-mbox", "mbox {work}/inbox.mbox"),
             }
+            if opts.baseline is not None:
+                base = "popsync lmtp x4 (baseline)"
+                tools = {base: popsync("baseline", lmtp_target % 4), **tools}
             tools = {label: build for label, build in tools.items() if wanted(label)}
             for run in range(opts.runs):
                 for label, build in tools.items():
                     rcpt = lmtp.new_user("b")
                     argv_ = build(rcpt)
-                    wall, code, rss = _timed(argv_)
+                    in_baseline = label.endswith("(baseline)")
+                    wall, code, rss = _timed(argv_, opts.baseline if in_baseline else None)
                     if label.endswith("mbox"):
                         work = "pmb" if label.startswith("popsync") else "mpop-mbox"
                         got = _mbox_ids(root / "work" / work / "inbox.mbox")
