@@ -25,7 +25,8 @@ recipient, so the figures compare like with like:
   on N connections, no POP3 at all.
 
 Each delivery is verified: the recipient's INBOX (or Lists), the Maildir or the mbox holds
-every Message-ID exactly once. Peak RSS is GNU time's ``%M``. The report is printed as a
+every Message-ID exactly once. Peak RSS is GNU time's ``%M``, CPU its ``%U`` + ``%S`` (the
+tool's own process and the children it waited for, not the servers). The report is printed as a
 Markdown table.
 """
 
@@ -77,21 +78,21 @@ def _mbox_ids(path: Path) -> Counter[bytes]:
     return found
 
 
-def _timed(argv: Sequence[str], cwd: Path | None = None) -> tuple[float, int, int]:
-    """Run under GNU time (in ``cwd``); return (wall seconds, exit code, peak RSS KiB)."""
+def _timed(argv: Sequence[str], cwd: Path | None = None) -> tuple[float, int, int, float]:
+    """Run under GNU time (in ``cwd``): (wall seconds, exit code, peak RSS KiB, CPU seconds)."""
     with tempfile.NamedTemporaryFile("r") as out:
         started = time.monotonic()
         proc = subprocess.run(
-            ["/usr/bin/time", "-o", out.name, "-f", "%M", *argv],
+            ["/usr/bin/time", "-o", out.name, "-f", "%M %U %S", *argv],
             cwd=cwd,
             capture_output=True,
             check=False,
         )
         wall = time.monotonic() - started
-        rss = int((out.read().strip().splitlines() or ["0"])[-1] or 0)
+        fields = ((out.read().strip().splitlines() or [""])[-1].split() + ["0"] * 3)[:3]
     if proc.returncode not in (0, 1):
         sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
-    return wall, proc.returncode, rss
+    return wall, proc.returncode, int(fields[0]), float(fields[1]) + float(fields[2])
 
 
 def _load_client(socket_path: Path, rcpt: str, messages: Sequence[bytes], sessions: int) -> float:
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     want = Counter(m.group(1) for m in (_MSGID.search(x) for x in box.messages) if m)
     root = Path(tempfile.mkdtemp(prefix="popsync-bench-lmtp-"))
     root.chmod(0o711)
-    rows: dict[str, list[tuple[float, int]]] = {}
+    rows: dict[str, list[tuple[float, int, float]]] = {}
     problems: list[str] = []
     py = sys.executable
     try:
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rcpt = lmtp.new_user("b")
                     argv_ = build(rcpt)
                     in_baseline = label.endswith("(baseline)")
-                    wall, code, rss = _timed(argv_, opts.baseline if in_baseline else None)
+                    wall, code, rss, cpu = _timed(argv_, opts.baseline if in_baseline else None)
                     if label.endswith("mbox"):
                         work = "pmb" if label.startswith("popsync") else "mpop-mbox"
                         got = _mbox_ids(root / "work" / work / "inbox.mbox")
@@ -272,9 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ok = got == want and code in (0, 1)
                     if not ok:
                         problems.append(f"{label} run {run}: exit {code}, {sum(got.values())} msgs")
-                    rows.setdefault(label, []).append((wall, rss))
+                    rows.setdefault(label, []).append((wall, rss, cpu))
                     print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s, {rss} KiB, "
-                          f"{'OK' if ok else 'FAILED'}", flush=True)  # fmt: skip
+                          f"{cpu:.2f} s CPU, {'OK' if ok else 'FAILED'}", flush=True)  # fmt: skip
                 for sessions in (1, 4):
                     if not wanted(f"load client x{sessions}"):
                         continue
@@ -286,20 +287,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     label = f"load client x{sessions}"
                     if not ok:
                         problems.append(f"{label} run {run}")
-                    rows.setdefault(label, []).append((wall, 0))
+                    rows.setdefault(label, []).append((wall, 0, 0.0))
                     print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print()
     print(f"scenario a: {len(box.messages)} messages, {box.total_bytes / 2**20:.1f} MiB")
-    print("| tool | median wall (s) | min-max (s) | peak RSS (MiB) |")
-    print("|---|---:|---:|---:|")
+    print("| tool | median wall (s) | min-max (s) | peak RSS (MiB) | median CPU (s) |")
+    print("|---|---:|---:|---:|---:|")
     for label, values in rows.items():
-        walls = sorted(w for w, _ in values)
-        peak = max(r for _, r in values) / 1024
+        walls = sorted(w for w, _, _ in values)
+        cpus = sorted(c for _, _, c in values)
+        peak = max(r for _, r, _ in values) / 1024
         median = walls[len(walls) // 2]
         rss_cell = f"{peak:.1f}" if peak else "-"
-        print(f"| {label} | {median:.2f} | {walls[0]:.2f}-{walls[-1]:.2f} | {rss_cell} |")
+        cpu_cell = f"{cpus[len(cpus) // 2]:.2f}" if peak else "-"
+        print(
+            f"| {label} | {median:.2f} | {walls[0]:.2f}-{walls[-1]:.2f} | {rss_cell} | {cpu_cell} |"
+        )
     for problem in problems:
         print("FAILED:", problem)
     return 1 if problems else 0

@@ -45,7 +45,12 @@ class _Timers:
         self._lock = threading.Lock()
 
     def wrap(self, owner: Any, attr: str, key: str, *, log: bool = False) -> None:
-        """Replace ``owner.attr`` by a timed wrapper (for the rest of this process)."""
+        """Replace ``owner.attr`` by a timed wrapper (for the rest of this process).
+
+        A step an older checkout does not have (profiling it from before a change) is left out.
+        """
+        if not hasattr(owner, attr):
+            return
         real: Callable[..., Any] = getattr(owner, attr)
 
         @functools.wraps(real)
