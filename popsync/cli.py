@@ -328,18 +328,22 @@ def _run_once(args: argparse.Namespace) -> ExitCode:
     config = _load(args, cached=True)
     accounts = _select(config, args.account)
     workers = max(1, min(config.max_workers, len(accounts)))
-    if config.store is not None:  # PostgreSQL may log while it connects: logging first
+    # Log in before the heavy imports (popsync.prelogin); not on PostgreSQL, which may log
+    # while it connects, so logging comes first there.
+    early = config.store is None
+    if not early:
         _setup_logging(config, args, quiet_on_tty=True)
     store = open_store(config)
     prelogins: dict[str, PreLogin] = {}
     try:
-        prelogins = _prelogins(config, accounts[:workers], store)
+        if early:
+            prelogins = _prelogins(accounts[:workers], store)
         _lean_structlog()  # the heavy imports, while the servers answer
         from concurrent.futures import ThreadPoolExecutor
 
         from popsync.sync import sync_account
 
-        if config.store is None:
+        if early:
             _setup_logging(config, args, quiet_on_tty=True)
         bar = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty())
         with bar as progress, ThreadPoolExecutor(workers, thread_name_prefix="popsync") as pool:
@@ -363,14 +367,12 @@ def _run_once(args: argparse.Namespace) -> ExitCode:
     return worst_exit_code([r.exit_code for r in results])
 
 
-def _prelogins(config: Config, accounts: list[Account], store: Store) -> dict[str, PreLogin]:
+def _prelogins(accounts: list[Account], store: Store) -> dict[str, PreLogin]:
     """Start logging in to the accounts that run first (see `popsync.prelogin`).
 
     Returns once each is waiting on its server (or has failed), so the imports that follow
     overlap the servers' work instead of competing with the logins for the GIL.
     """
-    if config.store is not None:
-        return {}
     from popsync.prelogin import ON_THE_WIRE_PATIENCE, PreLogin, starts_early
 
     started = {a.name: PreLogin(a, store) for a in accounts if starts_early(a)}
@@ -497,18 +499,10 @@ def _one_account(config: Config, name: str) -> Account:
 def _secret(account: Account, state_dir: Path) -> str:
     """The account's secret (for an oauth2_provider account a valid access token, refreshed
     if need be); from now on scrubbed, in every form it is sent, from output."""
-    from popsync.pop3.sasl import credential_forms
-    from popsync.textsafe import add_secrets
+    from popsync.prelogin import hide_secret, resolve_secret
 
-    if account.oauth2_provider is not None:
-        from popsync.oauth2 import access_token
-
-        secret = access_token(account, state_dir)
-    else:
-        from popsync.secrets import resolve_secret
-
-        secret = resolve_secret(account)
-    add_secrets(credential_forms(account.username, secret, host=account.host, port=account.port))
+    secret = resolve_secret(account, state_dir)
+    hide_secret(account, secret)
     return secret
 
 

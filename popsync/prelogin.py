@@ -23,10 +23,10 @@ This module is imported before structlog: it must not log, and imports only what
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from types import TracebackType
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from popsync.client import Pop3Client
@@ -36,7 +36,15 @@ if TYPE_CHECKING:
     from popsync.pop3 import ScanEntries, UidlEntries
     from popsync.store import Store
 
-__all__ = ["PreLogin", "pace", "policy_of", "read_listing", "resolve_secret", "starts_early"]
+__all__ = [
+    "PreLogin",
+    "hide_secret",
+    "pace",
+    "policy_of",
+    "read_listing",
+    "resolve_secret",
+    "starts_early",
+]
 
 #: How long the CLI waits for a `PreLogin` to reach the server before importing anyway.
 ON_THE_WIRE_PATIENCE = 2.0
@@ -52,7 +60,7 @@ def pace(account: Account, phase: str, budget: float | None = None, key: str = "
     return Pace.budget(phase, budget, key, low_speed_limit=limit, low_speed_time=period)
 
 
-def resolve_secret(account: Account, store: Store) -> str:
+def resolve_secret(account: Account, state_dir: Path) -> str:
     """The password, or with oauth2_provider a valid access token (refreshed if need be).
 
     Called with the account's lock held, so one process at a time refreshes its token.
@@ -60,10 +68,18 @@ def resolve_secret(account: Account, store: Store) -> str:
     if account.oauth2_provider is not None:
         from popsync.oauth2 import access_token
 
-        return access_token(account, store.state_dir)
+        return access_token(account, state_dir)
     from popsync.secrets import resolve_secret as resolve
 
     return resolve(account)
+
+
+def hide_secret(account: Account, secret: str) -> None:
+    """Scrub ``secret``, in every form it is sent, from server text in the current scope."""
+    from popsync.pop3.sasl import credential_forms
+    from popsync.textsafe import add_secrets
+
+    add_secrets(credential_forms(account.username, secret, host=account.host, port=account.port))
 
 
 #: Salts the listing digest with its own format: a change here makes every stored one stale.
@@ -159,17 +175,15 @@ class PreLogin:
                 step.done.set()
 
     def _go(self) -> None:
-        lock = self._store.lock(self.account.mailbox, self.account.name)
+        account = self.account
+        lock = self._store.lock(account.mailbox, account.name)
         if not self._step("lock", lock.__enter__):
             return
         self._lock = lock
-        secret = self._step("secret", lambda: resolve_secret(self.account, self._store))
-        if not secret:
+        if not self._step("secret", lambda: resolve_secret(account, self._store.state_dir)):
             return
-        self._step("client", lambda: self._login(str(self._steps["secret"].value)))
-        client = self._client
-        if client is not None:
-            self._step("entries", lambda: self._listing(client))
+        if self._step("client", lambda: self._login(str(self._steps["secret"].value))):
+            self._step("entries", self._listing)
 
     def _step(self, name: str, action: Callable[[], object]) -> bool:
         """Run one step; False (and the exception kept) when it failed."""
@@ -184,21 +198,16 @@ class PreLogin:
         return True
 
     def _login(self, secret: str) -> Pop3Client:
-        from popsync.pop3.sasl import credential_forms
         from popsync.session import open_session
-        from popsync.textsafe import add_secrets
 
-        account = self.account
-        # This thread's own scrub scope: nothing it keeps may show the secret.
-        add_secrets(
-            credential_forms(account.username, secret, host=account.host, port=account.port)
-        )
+        hide_secret(self.account, secret)  # this thread's own scope: nothing it keeps shows it
         self.on_the_wire.set()  # connecting: the server's time starts now
-        self._client = open_session(account, secret)
+        self._client = open_session(self.account, secret)
         return self._client
 
-    def _listing(self, client: Pop3Client) -> tuple[UidlEntries, ScanEntries | None, bytes]:
+    def _listing(self) -> tuple[UidlEntries, ScanEntries | None, bytes]:
         account = self.account
+        client = cast("Pop3Client", self._steps["client"].value)  # the login step succeeded
         client.set_pace(pace(account, "listing", account.listing_timeout, "listing_timeout"))
         return read_listing(client, account, self._store.listing_digest(account.mailbox))
 
@@ -207,10 +216,15 @@ class PreLogin:
         """Wait for one step only: the run checks its Maildir while the server lists."""
         return self._steps[name].get()
 
-    def held_lock(self) -> AbstractContextManager[None]:
-        """The account's lock, already held (raises as `Store.lock` would have)."""
+    @contextmanager
+    def held_lock(self) -> Iterator[None]:
+        """The account's lock, already held (raises as `Store.lock` would have); its block's
+        end is `discard`, which gives it back."""
         self._result("lock")
-        return _Release(self)
+        try:
+            yield
+        finally:
+            self.discard()
 
     def secret(self) -> str:
         """The resolved secret (raises as `resolve_secret` would have)."""
@@ -218,14 +232,13 @@ class PreLogin:
 
     def client(self) -> Pop3Client:
         """The logged-in session, now the caller's to close (raises as the login would have)."""
-        client = self._result("client")
+        client = cast("Pop3Client", self._result("client"))
         self._client = None
-        assert client is not None
-        return client  # type: ignore[return-value]
+        return client
 
     def entries(self) -> tuple[UidlEntries, ScanEntries | None, bytes]:
         """The listing as `read_listing` returned it."""
-        return self._result("entries")  # type: ignore[return-value]
+        return cast("tuple[UidlEntries, ScanEntries | None, bytes]", self._result("entries"))
 
     def discard(self) -> None:
         """End it all: wait for the thread, close a session nobody took over, give back the
@@ -239,18 +252,3 @@ class PreLogin:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.__exit__(None, None, None)
-
-
-class _Release(AbstractContextManager[None]):
-    """``with prelogin.held_lock():`` gives the lock back at the end, like `Store.lock`."""
-
-    def __init__(self, prelogin: PreLogin) -> None:
-        self._prelogin = prelogin
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._prelogin.discard()

@@ -62,9 +62,16 @@ from popsync.owner import claim_maildir, refuse_foreign_root
 from popsync.plan import Plan, plan_sync, settled, show_uidl
 from popsync.pop3 import ScanEntries
 from popsync.pop3 import errors as pop3_errors
-from popsync.pop3.sasl import REVEALING, credential_forms
-from popsync.prelogin import PreLogin, pace, policy_of, read_listing, resolve_secret
-from popsync.textsafe import add_secrets, safe_text, scrub_scope
+from popsync.pop3.sasl import REVEALING
+from popsync.prelogin import (
+    PreLogin,
+    hide_secret,
+    pace,
+    policy_of,
+    read_listing,
+    resolve_secret,
+)
+from popsync.textsafe import safe_text, scrub_scope
 from popsync.trace import TraceHeaders
 from popsync.units import human_bytes
 
@@ -962,10 +969,9 @@ def sync_account(
     started = time.monotonic()
     during_login = False
     try:
-        if prelogin is not None:
-            lock = prelogin.held_lock()
-        else:
-            lock = store.lock(account.mailbox, account.name)
+        lock: contextlib.AbstractContextManager[None] = (
+            store.lock(account.mailbox, account.name) if prelogin is None else prelogin.held_lock()
+        )
         with lock, contextlib.ExitStack() as cleanup:
             target = _prepare(account, store, result, clock, fence, log, cleanup)
             if prelogin is not None:
@@ -973,10 +979,8 @@ def sync_account(
             elif secret_resolver is not None:
                 secret = secret_resolver(account)
             else:
-                secret = resolve_secret(account, store)
-            add_secrets(
-                credential_forms(account.username, secret, host=account.host, port=account.port)
-            )
+                secret = resolve_secret(account, store.state_dir)
+            hide_secret(account, secret)
             # sasl.REVEALING is config.CLEARTEXT_AUTH in upper case; importing popsync.config
             # here would import pydantic into every run that read a cached config.
             if account.tls == "none" and account.auth.upper() in REVEALING:
