@@ -493,16 +493,8 @@ class Pop3Client:
         For mailboxes that list millions of messages: see :mod:`popsync.listing`.
         """
         if not self.may_pipeline:
-            self.capabilities()
-            uidl = self._expect(self.request(commands.uidl()), UidlListing).entries
-            return uidl, self._expect(self.request(commands.list_()), ScanListing).entries
-        ask_caps = self._caps is None
-        self._send(*([commands.capa()] if ask_caps else []), commands.uidl(), commands.list_())
-        if ask_caps:
-            try:
-                self._remember_caps(self._expect(self._next(), Capabilities).caps)
-            except ServerError:
-                self._caps = {}
+            return self.uidl_entries(), self.scan_entries()
+        self._send_after_capa(commands.uidl(), commands.list_())
         try:
             uidls = self._expect(self._next(), UidlListing).entries
         except ServerError:
@@ -513,16 +505,21 @@ class Pop3Client:
 
     def uidl_entries(self) -> UidlEntries:
         """UIDL alone (and CAPA, if not yet asked since login), pipelined when allowed."""
-        ask_caps = self._caps is None and self.may_pipeline
-        if not ask_caps:
+        if not self.may_pipeline:
             self.capabilities()
             return self._expect(self.request(commands.uidl()), UidlListing).entries
-        self._send(commands.capa(), commands.uidl())
-        try:
-            self._remember_caps(self._expect(self._next(), Capabilities).caps)
-        except ServerError:
-            self._caps = {}
+        self._send_after_capa(commands.uidl())
         return self._expect(self._next(), UidlListing).entries
+
+    def _send_after_capa(self, *sent: Command) -> None:
+        """Send ``sent`` pipelined, after a CAPA (its reply read here) if none since login."""
+        ask_caps = self._caps is None
+        self._send(*([commands.capa()] if ask_caps else []), *sent)
+        if ask_caps:
+            try:
+                self._remember_caps(self._expect(self._next(), Capabilities).caps)
+            except ServerError:
+                self._caps = {}
 
     def scan_entries(self) -> ScanEntries:
         """LIST alone, in the core's compact form."""
