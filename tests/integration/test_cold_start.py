@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from devtools.dovecot import Dovecot, MailUser
 from tests.synchelp import TomlValue, dovecot_keys, maildir_messages, make_message, write_config
@@ -50,20 +51,27 @@ _WRAPPER = (
 )
 
 
-def run_popsync(tmp_path: Path, *args: str) -> tuple[int, set[str]]:
-    """Exit code and imported modules (and their top-level packages) of one ``popsync ARGS``."""
+def _wrapped(tmp_path: Path, wrapper: str, *args: str) -> tuple[int, str, Any]:
+    """Run ``wrapper`` (which writes JSON to $MODULES_OUT) as ``popsync ARGS`` off a terminal:
+    exit code, stderr and the JSON it wrote."""
     out = tmp_path / "modules.json"
     proc = subprocess.run(
-        [sys.executable, "-c", _WRAPPER, *args],
+        [sys.executable, "-c", wrapper, *args],
         check=False,
         stdin=subprocess.DEVNULL,
         capture_output=True,
+        text=True,
         timeout=60,
         cwd=ROOT,
         env={**os.environ, "MODULES_OUT": str(out), "PYTHONPATH": str(ROOT)},
     )
-    modules = json.loads(out.read_text())
-    return proc.returncode, {*modules, *(name.split(".")[0] for name in modules)}
+    return proc.returncode, proc.stderr, json.loads(out.read_text())
+
+
+def run_popsync(tmp_path: Path, *args: str) -> tuple[int, set[str]]:
+    """Exit code and imported modules (and their top-level packages) of one ``popsync ARGS``."""
+    code, _, modules = _wrapped(tmp_path, _WRAPPER, *args)
+    return code, {*modules, *(name.split(".")[0] for name in modules)}
 
 
 def test_once_off_a_terminal_imports_only_what_it_uses(
@@ -90,7 +98,7 @@ def test_once_off_a_terminal_imports_only_what_it_uses(
     assert not again & set(ONLY_WHEN_NEEDED), sorted(again & set(ONLY_WHEN_NEEDED))
 
 
-# Records which thread opens each connection to a server.
+# Records which thread opens each connection to a server, as JSON in $MODULES_OUT.
 _AT_CONNECT = (
     "import json, os, sys, threading\n"
     "import popsync.net as net\n"
@@ -116,20 +124,10 @@ def test_once_logs_in_from_the_prelogin_thread(
     maildir = tmp_path / "Maildir"
     keys = dovecot_keys(dovecot, mail_user, maildir)
     config = write_config(tmp_path / "popsync.toml", tmp_path / "state", {"acct": keys})
-    out = tmp_path / "connections.json"
     for _ in ("first fetch", "nothing new"):
-        proc = subprocess.run(
-            [sys.executable, "-c", _AT_CONNECT, "--once", "-c", str(config)],
-            check=False,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            env={**os.environ, "MODULES_OUT": str(out), "PYTHONPATH": str(ROOT)},
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert json.loads(out.read_text()) == ["popsync-prelogin-acct"]
+        code, stderr, connections = _wrapped(tmp_path, _AT_CONNECT, "--once", "-c", str(config))
+        assert code == 0, stderr
+        assert connections == ["popsync-prelogin-acct"]
         assert len(maildir_messages(maildir)) == 2
 
 
