@@ -26,14 +26,18 @@ recipient, so the figures compare like with like:
 
 Each delivery is verified: the recipient's INBOX (or Lists), the Maildir or the mbox holds
 every Message-ID exactly once. Peak RSS is GNU time's ``%M``, CPU its ``%U`` + ``%S`` (the
-tool's own process and the children it waited for, not the servers). The report is printed as a
-Markdown table.
+tool's own process and the children it waited for, not the servers); "machine busy" is
+/proc/stat's busy time over the run, every process and the kernel's threads included (the
+servers' work too), with its share of what the cores could have done in that wall time: a
+share near 100% means the run was bound by the machine's CPU, not by waiting. The report is
+printed as a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import mailbox
+import os
 import re
 import shutil
 import socket
@@ -76,6 +80,18 @@ def _mbox_ids(path: Path) -> Counter[bytes]:
     finally:
         box.close()
     return found
+
+
+def box_busy() -> float:
+    """CPU seconds the whole machine has been busy since boot (every core, every process,
+    the kernel's own threads included), from /proc/stat: a run's delta over the cores times
+    its wall time says how close to saturated the machine was."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: idle and iowait are not busy,
+    # steal is time the hypervisor gave to someone else.
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def _timed(argv: Sequence[str], cwd: Path | None = None) -> tuple[float, int, int, float]:
@@ -173,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     want = Counter(m.group(1) for m in (_MSGID.search(x) for x in box.messages) if m)
     root = Path(tempfile.mkdtemp(prefix="popsync-bench-lmtp-"))
     root.chmod(0o711)
-    rows: dict[str, list[tuple[float, int, float]]] = {}
+    rows: dict[str, list[tuple[float, int, float, float]]] = {}
     problems: list[str] = []
     py = sys.executable
     try:
@@ -268,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         # timed run would validate it (pydantic), as only a first run does.
                         status = [*argv_[:3], "status", *argv_[-2:]]
                         _timed(status, opts.baseline if in_baseline else None)
+                    busy = box_busy()
                     wall, code, rss, cpu = _timed(argv_, opts.baseline if in_baseline else None)
+                    busy = box_busy() - busy
                     if label.endswith("mbox"):
                         work = "pmb" if label.startswith("popsync") else "mpop-mbox"
                         got = _mbox_ids(root / "work" / work / "inbox.mbox")
@@ -284,13 +302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ok = got == want and code in (0, 1)
                     if not ok:
                         problems.append(f"{label} run {run}: exit {code}, {sum(got.values())} msgs")
-                    rows.setdefault(label, []).append((wall, rss, cpu))
+                    rows.setdefault(label, []).append((wall, rss, cpu, busy))
                     print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s, {rss} KiB, "
-                          f"{cpu:.2f} s CPU, {'OK' if ok else 'FAILED'}", flush=True)  # fmt: skip
+                          f"{cpu:.2f} s CPU, machine {busy:.2f} CPU-s, "
+                          f"{'OK' if ok else 'FAILED'}", flush=True)  # fmt: skip
                 for sessions in (1, 4):
                     if not wanted(f"load client x{sessions}"):
                         continue
                     rcpt = lmtp.new_user("l")
+                    busy = box_busy()
                     wall = _load_client(
                         lmtp.socket_path, f"{rcpt.name}@example.org", box.messages, sessions
                     )
@@ -298,23 +318,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                     label = f"load client x{sessions}"
                     if not ok:
                         problems.append(f"{label} run {run}")
-                    rows.setdefault(label, []).append((wall, 0, 0.0))
-                    print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s", flush=True)
+                    busy = box_busy() - busy
+                    rows.setdefault(label, []).append((wall, 0, 0.0, busy))
+                    print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s, "
+                          f"machine {busy:.2f} CPU-s", flush=True)  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print()
     print(f"scenario a: {len(box.messages)} messages, {box.total_bytes / 2**20:.1f} MiB")
-    print("| tool | median wall (s) | min-max (s) | peak RSS (MiB) | median CPU (s) |")
-    print("|---|---:|---:|---:|---:|")
+    cores = os.cpu_count() or 1
+    print(
+        "| tool | median wall (s) | min-max (s) | peak RSS (MiB) | median CPU (s) |"
+        f" machine busy, median (CPU-s, share of {cores} cores x wall) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for label, values in rows.items():
-        walls = sorted(w for w, _, _ in values)
-        cpus = sorted(c for _, _, c in values)
-        peak = max(r for _, r, _ in values) / 1024
+        walls = sorted(w for w, _, _, _ in values)
+        cpus = sorted(c for _, _, c, _ in values)
+        used, share = sorted((b, b / (cores * w)) for w, _, _, b in values)[len(values) // 2]
+        peak = max(r for _, r, _, _ in values) / 1024
         median = walls[len(walls) // 2]
         rss_cell = f"{peak:.1f}" if peak else "-"
         cpu_cell = f"{cpus[len(cpus) // 2]:.2f}" if peak else "-"
         print(
             f"| {label} | {median:.2f} | {walls[0]:.2f}-{walls[-1]:.2f} | {rss_cell} | {cpu_cell} |"
+            f" {used:.2f} ({share:.0%}) |"
         )
     for problem in problems:
         print("FAILED:", problem)

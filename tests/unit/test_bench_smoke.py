@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench import mailgen, peers
+from bench.lmtp import box_busy
 from bench.measure import Daemon
 from bench.proxy import DelayProxy
 from bench.run import Options, render, run_bench
@@ -254,3 +256,13 @@ def test_coldstart_measures_a_run() -> None:
     wall, cpu, rss = _measure(Path(__file__).resolve().parents[2], ["--help"])
     assert 0 < cpu <= wall + 0.5
     assert 5 < rss < 200
+
+
+def test_box_busy_counts_the_cpu_this_process_burns() -> None:
+    """The LMTP bench's "machine busy" column: a busy loop of 0.3 s shows as >= 0.2 CPU-s,
+    and no more than the cores could have done in the elapsed time."""
+    began, wall = box_busy(), time.monotonic()
+    while time.monotonic() - wall < 0.3:
+        pass
+    used, wall = box_busy() - began, time.monotonic() - wall
+    assert 0.2 <= used <= wall * (os.cpu_count() or 1) + 0.05
