@@ -327,6 +327,11 @@ def test_postgresql_restart_mid_cycle_ends_runs_temporary_and_they_are_retried(
         locked_dovecot, tmp_path, dsn, accounts=4, messages=150
     )  # runs outlast the restart
     workers = [start_worker(start_daemon, fleet.config(i), batch=1) for i in range(2)]
+    # Mid-cycle means both workers are up: one still opening its store when PostgreSQL goes
+    # down exits 75 at start (as --once does; systemd restarts it), which is not this case.
+    # Under load the first delivery can come from one worker before the other has started.
+    for worker in workers:
+        worker.wait_for(ev("daemon started"), timeout=20)
     wait_until(
         lambda: any(fleet.delivered(n) for n in fleet.accounts), 20, "a first delivery", workers
     )
