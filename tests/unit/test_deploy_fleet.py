@@ -289,3 +289,15 @@ def test_worker_unit_hardening_and_database_credential() -> None:
     assert unit["Service.Environment"] == [f"PGPASSFILE=%d/{name}"]
     # Maildirs on shared storage are writable and mounted before the worker starts.
     assert unit["Service.ReadWritePaths"] == unit["Unit.RequiresMountsFor"]
+
+
+def test_worker_unit_keeps_restarting_through_a_database_outage() -> None:
+    """A worker started while PostgreSQL is down exits 75 (tests/integration/test_pgstore_once.py
+    shows the same exit for --once); systemd must retry it for as long as the outage lasts, but
+    not a refused database login (77), a usage error (64) or a bad config (78)."""
+    unit = _worker_unit()
+    assert unit["Unit.StartLimitIntervalSec"] == ["0"]  # no start limit: never gives up
+    assert unit["Service.Restart"] == ["on-failure"]
+    prevented = set(unit["Service.RestartPreventExitStatus"][0].split())
+    assert prevented == {"64", "77", "78"}
+    assert "75" not in prevented
