@@ -4,11 +4,12 @@ One command (as root; needs dovecot-lmtpd, dovecot-sieve, fetchmail, mpop)::
 
     .venv/bin/python -m bench.lmtp [--runs 3] [--quick] [--only LABEL,...]
 
-``--only`` keeps the rows whose label starts with one of the given prefixes (``--only
-"popsync lmtp x4,fetchmail,load client x4"``); the default runs every row. ``--baseline
-DIR`` adds the row ``popsync lmtp x4 (baseline)``: the popsync of another checkout (``git
-worktree add DIR COMMIT``), run in the same loop, so a change is measured before/after in
-one run.
+``--sessions 1,4,8`` picks the session counts of the ``popsync lmtp xN`` and ``load client
+xN`` rows (default ``1,4``). ``--only`` keeps the rows whose label starts with one of the
+given prefixes (``--only "popsync lmtp x4,fetchmail,load client x4"``); the default runs
+every row. ``--baseline DIR`` adds the row ``popsync lmtp x4 (baseline)``: the popsync of
+another checkout (``git worktree add DIR COMMIT``), run in the same loop, so a change is
+measured before/after in one run.
 
 Everything runs against one private POP3 Dovecot and one private LMTP Dovecot (with
 ``mail_fsync = optimized``, as a real server) in the same run, each tool into a fresh
@@ -179,6 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run `popsync status` on each new config first (untimed), so the timed run reads"
         " it from the validated-config cache as every run after the first one does",
     )
+    parser.add_argument(
+        "--sessions",
+        type=lambda text: sorted({int(n) for n in text.split(",")}),
+        default=[1, 4],
+        help="comma-separated LMTP session counts for the rows 'popsync lmtp xN' and"
+        " 'load client xN' (default 1,4; the Sieve row is always x4)",
+    )
     opts = parser.parse_args(argv)
     only = tuple(p.strip() for p in opts.only.split(",") if p.strip())
 
@@ -258,8 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 'lmtp_recipient = "{rcpt}@example.org"\nlmtp_sessions = %d'
             )
             tools: dict[str, Callable[[MailUser], list[str]]] = {
-                "popsync lmtp x1": popsync("popsync lmtp x1", lmtp_target % 1),
-                "popsync lmtp x4": popsync("popsync lmtp x4", lmtp_target % 4),
+                **{
+                    f"popsync lmtp x{n}": popsync(f"popsync lmtp x{n}", lmtp_target % n)
+                    for n in opts.sessions
+                },
                 "popsync lmtp x4 + sieve": popsync("p4s", lmtp_target % 4, sieve=True),
                 "popsync mda dovecot-lda": popsync(
                     "pmda", f'deliver = "mda"\nmda = {[*lda, "{rcpt}"]!r}'.replace("'", '"')
@@ -306,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s, {rss} KiB, "
                           f"{cpu:.2f} s CPU, machine {busy:.2f} CPU-s, "
                           f"{'OK' if ok else 'FAILED'}", flush=True)  # fmt: skip
-                for sessions in (1, 4):
+                for sessions in opts.sessions:
                     if not wanted(f"load client x{sessions}"):
                         continue
                     rcpt = lmtp.new_user("l")
