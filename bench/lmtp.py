@@ -30,8 +30,10 @@ every Message-ID exactly once. Peak RSS is GNU time's ``%M``, CPU its ``%U`` + `
 tool's own process and the children it waited for, not the servers); "machine busy" is
 /proc/stat's busy time over the run, every process and the kernel's threads included (the
 servers' work too), with its share of what the cores could have done in that wall time: a
-share near 100% means the run was bound by the machine's CPU, not by waiting. The report is
-printed as a Markdown table.
+share near 100% means the run was bound by the machine's CPU, not by waiting. "stolen" is
+/proc/stat's steal time over the run: CPU time a virtual machine's hypervisor gave to other
+guests; a run with seconds of it was slowed by a noisy neighbour, not by the tools. The
+report is printed as a Markdown table.
 """
 
 from __future__ import annotations
@@ -83,16 +85,22 @@ def _mbox_ids(path: Path) -> Counter[bytes]:
     return found
 
 
-def box_busy() -> float:
-    """CPU seconds the whole machine has been busy since boot (every core, every process,
-    the kernel's own threads included), from /proc/stat: a run's delta over the cores times
-    its wall time says how close to saturated the machine was."""
+def box_busy() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine since boot, from /proc/stat. Busy
+    counts every core, every process and the kernel's own threads: a run's delta over the
+    cores times its wall time says how close to saturated the machine was. Stolen is the
+    time a hypervisor ran someone else while this machine had work: it slows every row."""
     with open("/proc/stat") as stat:
         fields = [int(x) for x in stat.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...: idle and iowait are not busy,
-    # steal is time the hypervisor gave to someone else.
+    # user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
     busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
-    return busy / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, fields[7] / tick
+
+
+def _since(before: tuple[float, float]) -> tuple[float, float]:
+    now = box_busy()
+    return now[0] - before[0], now[1] - before[1]
 
 
 def _timed(argv: Sequence[str], cwd: Path | None = None) -> tuple[float, int, int, float]:
@@ -197,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     want = Counter(m.group(1) for m in (_MSGID.search(x) for x in box.messages) if m)
     root = Path(tempfile.mkdtemp(prefix="popsync-bench-lmtp-"))
     root.chmod(0o711)
-    rows: dict[str, list[tuple[float, int, float, float]]] = {}
+    rows: dict[str, list[tuple[float, int, float, float, float]]] = {}
     problems: list[str] = []
     py = sys.executable
     try:
@@ -294,9 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         # timed run would validate it (pydantic), as only a first run does.
                         status = [*argv_[:3], "status", *argv_[-2:]]
                         _timed(status, opts.baseline if in_baseline else None)
-                    busy = box_busy()
+                    before = box_busy()
                     wall, code, rss, cpu = _timed(argv_, opts.baseline if in_baseline else None)
-                    busy = box_busy() - busy
+                    busy, stolen = _since(before)
                     if label.endswith("mbox"):
                         work = "pmb" if label.startswith("popsync") else "mpop-mbox"
                         got = _mbox_ids(root / "work" / work / "inbox.mbox")
@@ -312,15 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ok = got == want and code in (0, 1)
                     if not ok:
                         problems.append(f"{label} run {run}: exit {code}, {sum(got.values())} msgs")
-                    rows.setdefault(label, []).append((wall, rss, cpu, busy))
+                    rows.setdefault(label, []).append((wall, rss, cpu, busy, stolen))
                     print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s, {rss} KiB, "
-                          f"{cpu:.2f} s CPU, machine {busy:.2f} CPU-s, "
+                          f"{cpu:.2f} s CPU, machine {busy:.2f} CPU-s, stolen {stolen:.2f}, "
                           f"{'OK' if ok else 'FAILED'}", flush=True)  # fmt: skip
                 for sessions in opts.sessions:
                     if not wanted(f"load client x{sessions}"):
                         continue
                     rcpt = lmtp.new_user("l")
-                    busy = box_busy()
+                    before = box_busy()
                     wall = _load_client(
                         lmtp.socket_path, f"{rcpt.name}@example.org", box.messages, sessions
                     )
@@ -328,10 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     label = f"load client x{sessions}"
                     if not ok:
                         problems.append(f"{label} run {run}")
-                    busy = box_busy() - busy
-                    rows.setdefault(label, []).append((wall, 0, 0.0, busy))
+                    busy, stolen = _since(before)
+                    rows.setdefault(label, []).append((wall, 0, 0.0, busy, stolen))
                     print(f"[{run + 1}/{opts.runs}] {label}: {wall:.2f} s, "
-                          f"machine {busy:.2f} CPU-s", flush=True)  # fmt: skip
+                          f"machine {busy:.2f} CPU-s, stolen {stolen:.2f}", flush=True)  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print()
@@ -340,19 +348,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "| tool | median wall (s) | min-max (s) | peak RSS (MiB) | median CPU (s) |"
         f" machine busy, median (CPU-s, share of {cores} cores x wall) |"
+        " stolen, median-max (CPU-s) |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, values in rows.items():
-        walls = sorted(w for w, _, _, _ in values)
-        cpus = sorted(c for _, _, c, _ in values)
-        used, share = sorted((b, b / (cores * w)) for w, _, _, b in values)[len(values) // 2]
-        peak = max(r for _, r, _, _ in values) / 1024
+        walls = sorted(v[0] for v in values)
+        cpus = sorted(v[2] for v in values)
+        used, share = sorted((v[3], v[3] / (cores * v[0])) for v in values)[len(values) // 2]
+        steals = sorted(v[4] for v in values)
+        peak = max(v[1] for v in values) / 1024
         median = walls[len(walls) // 2]
         rss_cell = f"{peak:.1f}" if peak else "-"
         cpu_cell = f"{cpus[len(cpus) // 2]:.2f}" if peak else "-"
         print(
             f"| {label} | {median:.2f} | {walls[0]:.2f}-{walls[-1]:.2f} | {rss_cell} | {cpu_cell} |"
-            f" {used:.2f} ({share:.0%}) |"
+            f" {used:.2f} ({share:.0%}) | {steals[len(steals) // 2]:.2f}-{steals[-1]:.2f} |"
         )
     for problem in problems:
         print("FAILED:", problem)
