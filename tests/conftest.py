@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+import structlog
 
 from devtools.dovecot import Dovecot, DovecotLmtp, MailUser, dovecot_available, lmtp_available
 from devtools.postgres import Postgres, postgres_available
@@ -70,6 +72,24 @@ def _private_cache_dir(
     """Each test gets its own cache directory: no stale validated config, nothing in ~/.cache."""
     monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """A test that configures logging (``configure_logging`` on its captured stderr) leaves
+    no handler behind: later tests' APScheduler lines would hit that closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in ("apscheduler", "py.warnings")}
+    structlog_config = structlog.get_config()
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    for name, old in levels.items():
+        logging.getLogger(name).setLevel(old)
+    logging.captureWarnings(False)
+    structlog.configure(**structlog_config)
 
 
 def _server_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bool]:
