@@ -345,6 +345,9 @@ def _run_once(args: argparse.Namespace) -> ExitCode:
 
         if early:
             _setup_logging(config, args, quiet_on_tty=True)
+        from popsync.deliver.budget import SessionBudget
+
+        budget = SessionBudget(config.lmtp_max_sessions)
         bar = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty())
         with bar as progress, ThreadPoolExecutor(workers, thread_name_prefix="popsync") as pool:
             futures = [
@@ -354,6 +357,7 @@ def _run_once(args: argparse.Namespace) -> ExitCode:
                     store,
                     progress=progress,
                     prelogin=prelogins.get(account.name),
+                    lmtp_budget=budget,
                 )
                 for account in accounts
             ]

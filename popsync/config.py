@@ -111,6 +111,7 @@ _CHECKS_ERROR = "popsync_checks"
 _TOP_LEVEL_KEYS = (
     "state_dir",
     "max_workers",
+    "lmtp_max_sessions",
     "log_format",
     "log_level",
     "metrics_listen",
@@ -281,7 +282,7 @@ class Account(BaseModel):
     maildir: AbsolutePath | None = None
     lmtp: str | None = None
     lmtp_recipient: NonEmptyStr | None = None
-    lmtp_sessions: Annotated[int, Field(ge=1, le=32)] = 4
+    lmtp_sessions: Annotated[int, Field(ge=1, le=32)] = 8
     mda: Annotated[tuple[NonEmptyStr, ...], Field(min_length=1)] | None = None
     mda_timeout: Duration = 300.0
     mbox: AbsolutePath | None = None
@@ -584,6 +585,8 @@ class _Settings(BaseModel):
 
     state_dir: AbsolutePath = Field(default_factory=default_state_dir)
     max_workers: Annotated[int, Field(ge=1, le=256)] = 4
+    #: LMTP sessions to one server from all accounts together (`popsync.deliver.budget`).
+    lmtp_max_sessions: Annotated[int, Field(ge=1, le=1024)] = 16
     log_format: LogFormat = "auto"
     log_level: Annotated[LogLevel, BeforeValidator(_log_level)] = "info"
     #: "HOST:PORT" for the daemon's Prometheus endpoint; None (the default) serves none.

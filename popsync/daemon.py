@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, NoReturn, cast
 
 import structlog
 
+from popsync.deliver.budget import SessionBudget
 from popsync.errors import ConfigError, ExitCode
 from popsync.notify import Notifier
 
@@ -93,6 +94,8 @@ class Daemon:
         self._poll = False
         self._log = structlog.get_logger("popsync.daemon")
         self._results: dict[str, RunResult] = {}
+        #: LMTP sessions of all runs together, per server (`popsync.deliver.budget`).
+        self.lmtp_budget = SessionBudget(config.lmtp_max_sessions)
         #: (when, problems) of the last rejected reload; None once a reload succeeds.
         self.reload_failure: tuple[float, list[str]] | None = None
         #: The Prometheus metrics, when ``metrics_listen`` is set (started by run()).
@@ -200,6 +203,7 @@ class Daemon:
                 stop=self.stop_event if stop is None else stop,
                 on_activity=lambda: self.scheduler.note_activity(name),
                 fence=fence,
+                lmtp_budget=self.lmtp_budget,
             )
 
         if self.metrics is None:
@@ -398,6 +402,7 @@ class Daemon:
         self.config = config.model_copy(
             update={key: getattr(self.config, key) for key in _RESTART_KEYS}
         )
+        self.lmtp_budget.limit = config.lmtp_max_sessions
         accounts = self._accounts(config)
         if self.metrics is not None:
             self.metrics.set_accounts(

@@ -78,6 +78,7 @@ from popsync.units import human_bytes
 if TYPE_CHECKING:
     from popsync.client import MessageTooLarge, Pop3Client, Sink
     from popsync.config import Account
+    from popsync.deliver.budget import SessionBudget
     from popsync.seen import RunRecord
     from popsync.store import Store
 
@@ -917,12 +918,13 @@ def _prepare(
     fence: Callable[[], None] | None,
     log: structlog.typing.FilteringBoundLogger,
     cleanup: contextlib.ExitStack,
+    lmtp_budget: SessionBudget | None,
 ) -> Target:
     """With the lock held, before the session: check the destination, recover, clean up."""
     for path, what in ((account.maildir, "Maildir"), (account.mbox, "mbox")):
         if path is not None:
             refuse_foreign_root(path, what)
-    target = open_target(account, store.state_dir)
+    target = open_target(account, store.state_dir, lmtp_budget=lmtp_budget)
     cleanup.callback(target.close)  # an LMTP target's kept-open sessions, once the run ends
     if account.maildir is not None and store.path is not None:
         # A database server's store is shared by every worker: nothing to claim.
@@ -951,6 +953,7 @@ def sync_account(
     on_activity: Callable[[], None] | None = None,
     fence: Callable[[], None] | None = None,
     prelogin: PreLogin | None = None,
+    lmtp_budget: SessionBudget | None = None,
 ) -> RunResult:
     """Run one sync of ``account``; never raises for expected failures (see ``RunResult``).
 
@@ -963,6 +966,7 @@ def sync_account(
 
     Whatever the server says is shown only through :func:`popsync.textsafe.safe_text`, with
     the account's secret, in every form it is sent, scrubbed for the rest of the run.
+    ``lmtp_budget`` is shared by the runs of one process (`popsync.deliver.budget`).
     """
     log = structlog.get_logger("popsync.sync").bind(account=account.name, host=account.host)
     result = RunResult(account=account.name, started=clock())
@@ -973,7 +977,7 @@ def sync_account(
             store.lock(account.mailbox, account.name) if prelogin is None else prelogin.held_lock()
         )
         with lock, contextlib.ExitStack() as cleanup:
-            target = _prepare(account, store, result, clock, fence, log, cleanup)
+            target = _prepare(account, store, result, clock, fence, log, cleanup, lmtp_budget)
             if prelogin is not None:
                 secret = prelogin.secret()
             elif secret_resolver is not None:

@@ -10,12 +10,19 @@ from popsync.errors import ConfigError
 
 if TYPE_CHECKING:
     from popsync.config import Account
+    from popsync.deliver.budget import SessionBudget
 
 __all__ = ["open_target"]
 
 
-def open_target(account: Account, state_dir: Path) -> Target:
-    """The target ``account.deliver`` names, with its spool under ``state_dir``."""
+def open_target(
+    account: Account, state_dir: Path, *, lmtp_budget: SessionBudget | None = None
+) -> Target:
+    """The target ``account.deliver`` names, with its spool under ``state_dir``.
+
+    ``lmtp_budget`` caps the LMTP sessions of every account of the process together (see
+    `popsync.deliver.budget`); None lets the account open all its ``lmtp_sessions``.
+    """
     spool = spool_dir(state_dir, account.name)
     if account.deliver == "lmtp":
         from popsync.deliver.lmtp import LmtpTarget
@@ -28,6 +35,7 @@ def open_target(account: Account, state_dir: Path) -> Target:
             recipient=account.lmtp_recipient,
             sessions=account.lmtp_sessions,
             timeout=account.timeout,
+            budget=lmtp_budget,
         )
     if account.deliver == "mda":
         from popsync.deliver.mda import MdaTarget

@@ -14,12 +14,15 @@ records it *rejected*: never handed over again, never DELEd, listed by ``popsync
 The dialogue: ``sync`` hands a batch over in a background thread while the next batch
 downloads (``overlap``); the batch goes out on ``lmtp_sessions`` parallel connections, each
 taking the next message as it finishes one (the LMTP server is the bottleneck, so parallel
-sessions are the lever). The connections stay open from batch to batch until the run ends
-(`LmtpTarget.close`); one the server closed or spoke on while idle (a 421 timeout) is
-replaced. Per connection ``LHLO``, then per message ``MAIL FROM:<>`` (or the message's
-Return-Path) with ``BODY=8BITMIME``/``SMTPUTF8`` when offered, one ``RCPT TO``, ``DATA``.
-With PIPELINING the three envelope commands go in one write, together with the end of
-the previous message's body, so a message costs one round trip. The body is read from
+sessions are the lever). Beyond its first, a session opens only while the process-wide
+`popsync.deliver.budget.SessionBudget` for the server has room (``lmtp_max_sessions``), so
+many accounts at once do not multiply the server's processes. The connections stay open
+from batch to batch until the run ends (`LmtpTarget.close`); one the server closed or
+spoke on while idle (a 421 timeout) is replaced. Per connection ``LHLO``, then per
+message ``MAIL FROM:<>`` (or the message's Return-Path) with ``BODY=8BITMIME``/``SMTPUTF8``
+when offered, one ``RCPT TO``, ``DATA``. With PIPELINING the three envelope commands go in
+one write, together with the end of the previous message's body, so a message costs one
+round trip. The body is read from
 the spool file in chunks and dot-stuffed on the fly; it is never held whole in memory.
 
 Library choice: stdlib ``smtplib.LMTP`` reads the whole message into memory
@@ -53,6 +56,7 @@ from popsync.deliver.base import (
     sanitize,
     sender_in,
 )
+from popsync.deliver.budget import SessionBudget
 from popsync.deliver.spool import BatchSpool, locate
 from popsync.errors import LocalIOError, NetworkError, PopsyncError
 from popsync.maildir import TmpMessage
@@ -353,15 +357,18 @@ class LmtpTarget(SpoolTarget):
         recipient: str,
         sessions: int = 1,
         timeout: float = 60.0,
+        budget: SessionBudget | None = None,
     ) -> None:
         super().__init__(spool_path)
         self.address = address
         self.recipient = recipient
         self.sessions = max(1, sessions)
         self.timeout = timeout
+        self._budget = budget
         self._batches = BatchSpool(self.spool)
         # Sessions stay open from batch to batch (and across recovery) until `close`.
         self._idle: list[LmtpSession] = []
+        self._live = 0  # sessions open or being opened, idle or busy (the budget's count)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -423,28 +430,61 @@ class LmtpTarget(SpoolTarget):
             session = self._session()
         except (PopsyncError, ValueError) as exc:
             return f"LMTP {sanitize(str(exc))}"
+        if session is None:
+            return None  # the server's budget is spent: the other sessions take the batch
         try:
             session.transfer(queue.take, sources, self.recipient, outcomes)
         except PopsyncError as exc:
-            session.abort()
+            self._drop(session)
             return f"LMTP {sanitize(str(exc))}"
         except BaseException:
-            session.abort()
+            self._drop(session)
             raise
         with self._lock:
             self._idle.append(session)
         return None
 
-    def _session(self) -> LmtpSession:
-        """A kept-open session that is still usable, else a new one."""
+    def _session(self) -> LmtpSession | None:
+        """A kept-open session that is still usable, else a new one if the budget allows
+        (always, for the account's only one); None when it does not."""
         while True:
             with self._lock:
                 session = self._idle.pop() if self._idle else None
+                if session is None and not self._claim():
+                    return None
             if session is None:
-                return LmtpSession.open(self.address, timeout=self.timeout)
+                try:
+                    return LmtpSession.open(self.address, timeout=self.timeout)
+                except BaseException:
+                    self._unclaim()
+                    raise
             if session.reusable():
                 return session
-            session.abort()
+            self._drop(session)
+
+    def _claim(self) -> bool:
+        """Count a session about to open (caller holds ``_lock``)."""
+        first = self._live == 0
+        if self._budget is not None and not self._budget.take(self.address, first=first):
+            return False
+        self._live += 1
+        return True
+
+    def _unclaim(self) -> None:
+        with self._lock:
+            self._live -= 1
+        if self._budget is not None:
+            self._budget.give_back(self.address)
+
+    def _drop(self, session: LmtpSession, *, polite: bool = False) -> None:
+        """Close a session (QUIT if ``polite``, else just the socket) and uncount it."""
+        try:
+            if polite:
+                session.close()
+            else:
+                session.abort()
+        finally:
+            self._unclaim()
 
     def close(self) -> None:
         """QUIT the kept-open sessions; drop a batch file the run never sealed."""
@@ -452,7 +492,7 @@ class LmtpTarget(SpoolTarget):
         with self._lock:
             idle, self._idle = self._idle, []
         for session in idle:
-            session.close()
+            self._drop(session, polite=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

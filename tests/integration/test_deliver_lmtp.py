@@ -18,6 +18,7 @@ from popsync import net
 from popsync import sync as sync_module
 from popsync.cli import main
 from popsync.deliver import Outcome, Spooled
+from popsync.deliver.budget import SessionBudget
 from popsync.deliver.lmtp import LmtpTarget
 from popsync.errors import ExitCode
 from popsync.seen import SeenStore
@@ -32,6 +33,7 @@ from tests.synchelp import (
     make_message,
     only_entries,
     stored_form,
+    toml_config,
     write_config,
 )
 
@@ -274,6 +276,83 @@ def test_sessions_stay_open_from_batch_to_batch(
     messages = [make_message(i, tag="kept") for i in range(12)]
     dovecot.deliver_many(mail_user, messages)
     monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    streams = _count_connects(monkeypatch)
+    keys = _lmtp_keys(lmtp_server, rcpt)
+    result = _sync(dovecot, mail_user, tmp_path, store, lmtp_sessions=2, **keys)
+    assert result.outcome == "ok", result.error
+    assert result.fetched == 12
+    assert len(streams) == 2
+    assert_exactly_once([strip_trace(m) for m in lmtp_server.folder_messages(rcpt)], messages)
+
+
+def test_an_account_past_the_session_budget_delivers_on_one_session(
+    dovecot: Dovecot,
+    mail_user: MailUser,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    store: SeenStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Other accounts hold all of lmtp_max_sessions: this one (lmtp_sessions = 4) still
+    delivers everything, exactly once, on its one guaranteed session."""
+    rcpt = lmtp_server.new_user("b")
+    messages = [make_message(i, tag="budget") for i in range(12)]
+    dovecot.deliver_many(mail_user, messages)
+    monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    connects = _count_connects(monkeypatch)
+    keys = _lmtp_keys(lmtp_server, rcpt)
+    budget = SessionBudget(3)
+    for _ in range(3):
+        assert budget.take(keys["lmtp"], first=True)  # three sessions of other accounts
+    account = dovecot_account(
+        dovecot, mail_user, tmp_path / "unused", tmp_path / "state", lmtp_sessions=4, **keys
+    )[1]
+    result = sync_account(account, store, lmtp_budget=budget)
+    assert result.outcome == "ok", result.error
+    assert (result.fetched, len(connects)) == (12, 1)
+    assert budget.in_use(keys["lmtp"]) == 3  # its own session was given back
+    assert_exactly_once([strip_trace(m) for m in lmtp_server.folder_messages(rcpt)], messages)
+
+
+def test_once_gives_all_accounts_one_budget_from_the_config(
+    dovecot: Dovecot,
+    lmtp_server: DovecotLmtp,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """popsync --once with two accounts on one LMTP server and lmtp_max_sessions = 3: both
+    runs share one SessionBudget of 3, each mailbox lands exactly once, all counts return."""
+    budgets: list[SessionBudget] = []
+    real_sync = sync_module.sync_account
+
+    def spy(account: Any, store: Any, **kwargs: Any) -> RunResult:
+        budgets.append(kwargs["lmtp_budget"])
+        return real_sync(account, store, **kwargs)
+
+    monkeypatch.setattr(sync_module, "sync_account", spy)
+    accounts: dict[str, dict[str, TomlValue]] = {}
+    expected = {}
+    for name in ("one", "two"):
+        user, rcpt = dovecot.new_user(name), lmtp_server.new_user(name)
+        expected[name] = (rcpt, [make_message(i, tag=name) for i in range(10)])
+        dovecot.deliver_many(user, expected[name][1])
+        keys: dict[str, TomlValue] = {**_lmtp_keys(lmtp_server, rcpt), "lmtp_sessions": 4}
+        accounts[name] = dovecot_keys(dovecot, user, tmp_path / "x", **keys)
+    config = tmp_path / "c.toml"
+    config.write_text("lmtp_max_sessions = 3\n" + toml_config(tmp_path / "state", accounts))
+    config.chmod(0o600)
+    assert main(["--once", "--no-progress", "-c", str(config)]) == 0
+    assert len(budgets) == 2
+    assert budgets[0] is budgets[1]
+    assert budgets[0].limit == 3
+    assert budgets[0].in_use(f"unix:{lmtp_server.socket_path}") == 0
+    for rcpt, messages in expected.values():
+        stored = [strip_trace(m) for m in lmtp_server.folder_messages(rcpt)]
+        assert_exactly_once(stored, messages)
+
+
+def _count_connects(monkeypatch: pytest.MonkeyPatch) -> list[net.Stream]:
+    """Every LMTP connection over a unix socket from now on, in the returned list."""
     streams: list[net.Stream] = []
     real_connect = net.connect_unix
 
@@ -282,12 +361,7 @@ def test_sessions_stay_open_from_batch_to_batch(
         return streams[-1]
 
     monkeypatch.setattr(net, "connect_unix", connect_unix)
-    keys = _lmtp_keys(lmtp_server, rcpt)
-    result = _sync(dovecot, mail_user, tmp_path, store, lmtp_sessions=2, **keys)
-    assert result.outcome == "ok", result.error
-    assert result.fetched == 12
-    assert len(streams) == 2
-    assert_exactly_once([strip_trace(m) for m in lmtp_server.folder_messages(rcpt)], messages)
+    return streams
 
 
 def test_deferral_mid_run_stops_the_download_and_keeps_the_rest_pending(

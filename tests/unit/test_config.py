@@ -15,6 +15,8 @@ __all__: list[str] = []
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-very-secret"
+#: Every top-level key a user can set (``warnings`` is computed, ``accounts`` a table).
+_TOP_LEVEL_SETTINGS = set(Config.model_fields) - {"accounts", "warnings"}
 
 MINIMAL = """
 [accounts.work]
@@ -83,7 +85,7 @@ def test_minimal_account_gets_every_default() -> None:
         "deliver": "maildir",
         "lmtp": None,
         "lmtp_recipient": None,
-        "lmtp_sessions": 4,
+        "lmtp_sessions": 8,
         "mda": None,
         "mda_timeout": 300.0,
         "mbox": None,
@@ -101,6 +103,7 @@ def test_top_level_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         "auto",
         "info",
     )
+    assert config.lmtp_max_sessions == 16  # max_workers x the former lmtp_sessions default
     assert config.warnings == ()
 
 
@@ -509,8 +512,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert any(a.auth == "xoauth2" and a.oauth2_provider for a in config.accounts.values())
     assert "oauth2-token" not in text  # a helper that never existed
     keys = set(Account.model_fields) - {"name"}
-    keys |= {"state_dir", "max_workers", "log_format", "log_level", "metrics_listen"}
-    keys |= {"store", "store_password_env", "store_password_command", "worker_id"}
+    keys |= _TOP_LEVEL_SETTINGS
     missing = {key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)}
     assert missing == set()
 
@@ -518,17 +520,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
 def test_docs_table_lists_every_key() -> None:
     """docs/configuration.md has a table row for every configuration key."""
     text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    keys = (set(Account.model_fields) - {"name"}) | {
-        "state_dir",
-        "max_workers",
-        "log_format",
-        "log_level",
-        "metrics_listen",
-        "store",
-        "store_password_env",
-        "store_password_command",
-        "worker_id",
-    }
+    keys = (set(Account.model_fields) - {"name"}) | _TOP_LEVEL_SETTINGS
     missing = {key for key in keys if f"| `{key}` |" not in text}
     assert missing == set()
 
@@ -605,7 +597,7 @@ def test_delivery_targets_need_their_keys_and_only_theirs() -> None:
         + base
         + 'deliver = "lmtp"\nlmtp = "unix:/run/dovecot/lmtp"\nlmtp_recipient = "me@x.org"\n'
     ).accounts["a"]
-    assert (lmtp.deliver, lmtp.maildir, lmtp.lmtp_sessions) == ("lmtp", None, 4)
+    assert (lmtp.deliver, lmtp.maildir, lmtp.lmtp_sessions) == ("lmtp", None, 8)
     assert problems_of(base + 'deliver = "lmtp"\nmbox = "/var/mail/u"\n') == [
         'accounts.a.lmtp: missing required key with deliver = "lmtp"',
         'accounts.a.lmtp_recipient: missing required key with deliver = "lmtp"',

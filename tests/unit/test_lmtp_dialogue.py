@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from popsync.deliver.base import Delivered, Rejected, Spooled, Temporary
+from popsync.deliver.budget import SessionBudget
 from popsync.deliver.lmtp import LmtpTarget
 
 __all__: list[str] = []
@@ -277,3 +278,73 @@ def test_closing_drops_a_batch_file_never_sealed(tmp_path: Path) -> None:
     target.close()
     assert len(os.listdir("/proc/self/fd")) == open_files
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+def test_accounts_share_the_process_wide_session_budget(
+    tmp_path: Path, lmtp_at: Callable[..., FakeLmtp]
+) -> None:
+    """lmtp_max_sessions = 3: a second account gets its first session, not its second,
+    until the first account's run closes its two; every count is given back at the end."""
+    server = lmtp_at()
+    address = f"unix:{server.path}"
+    budget = SessionBudget(3)
+
+    def target(name: str) -> LmtpTarget:
+        spool = tmp_path / name
+        return LmtpTarget(spool, address=address, recipient="r@x", sessions=2, budget=budget)
+
+    first, second = target("a"), target("b")
+    assert all(isinstance(o, Delivered) for o in first.hand_over(_spool(first, _bodies(0))))
+    assert (len(server.connections), budget.in_use(address)) == (2, 2)
+    assert all(isinstance(o, Delivered) for o in second.hand_over(_spool(second, _bodies(10))))
+    assert (len(server.connections), budget.in_use(address)) == (3, 3)
+    first.close()
+    assert budget.in_use(address) == 1
+    assert all(isinstance(o, Delivered) for o in second.hand_over(_spool(second, _bodies(20))))
+    assert (len(server.connections), budget.in_use(address)) == (4, 2)
+    second.close()
+    assert budget.in_use(address) == 0
+    assert sum(len(c.bodies) for c in server.connections) == 12
+
+
+def test_an_account_always_gets_one_session_even_when_the_budget_is_spent(
+    tmp_path: Path, lmtp_at: Callable[..., FakeLmtp]
+) -> None:
+    """Other accounts hold the whole budget: this one still delivers, on one session."""
+    server = lmtp_at()
+    address = f"unix:{server.path}"
+    budget = SessionBudget(2)
+    assert budget.take(address, first=True)
+    assert budget.take(address, first=False)
+    target = LmtpTarget(tmp_path / "s", address=address, recipient="r@x", sessions=4, budget=budget)
+    assert all(isinstance(o, Delivered) for o in target.hand_over(_spool(target, _bodies(0))))
+    assert [len(c.bodies) for c in server.connections] == [4]
+    target.close()
+    assert budget.in_use(address) == 2
+
+
+def test_sessions_that_failed_or_broke_give_their_count_back(
+    tmp_path: Path, lmtp_at: Callable[..., FakeLmtp]
+) -> None:
+    """A refused connect and a session broken mid-batch both leave the budget as it was."""
+    budget = SessionBudget(4)
+    missing = f"unix:{tmp_path}/no-socket"
+    target = LmtpTarget(tmp_path / "s", address=missing, recipient="r@x", sessions=3, budget=budget)
+    outcomes = target.hand_over(_spool(target, _bodies(0)))
+    assert len(outcomes) == 4
+    assert all(isinstance(o, Temporary) for o in outcomes)
+    assert budget.in_use(missing) == 0
+    target.close()
+
+    server = lmtp_at(lambda command, n: b"garbage" if command == "END" and n == 1 else None)
+    address = f"unix:{server.path}"
+    broken = LmtpTarget(tmp_path / "t", address=address, recipient="r@x", budget=budget)
+    outcomes = broken.hand_over(_spool(broken, _bodies(0)))
+    assert any(isinstance(o, Temporary) for o in outcomes)
+    assert budget.in_use(address) == 0  # the broken session was dropped, not kept
+    broken.close()
+    assert budget.in_use(address) == 0
+
+
+def _bodies(start: int) -> list[bytes]:
+    return [_message(start + n) for n in range(4)]
