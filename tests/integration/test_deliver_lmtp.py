@@ -227,10 +227,7 @@ def test_next_batch_streams_while_the_last_is_handed_over(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Batch N goes to the LMTP server in a background thread while batch N+1 downloads."""
-    rcpt = lmtp_server.new_user("o")
-    messages = [make_message(i, tag="overlap") for i in range(12)]
-    dovecot.deliver_many(mail_user, messages)
-    monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    rcpt, messages = _three_batches(dovecot, mail_user, lmtp_server, monkeypatch, "overlap")
     spans: list[tuple[float, float, bool]] = []
     added: list[float] = []
     real_hand_over = LmtpTarget.hand_over
@@ -272,10 +269,7 @@ def test_sessions_stay_open_from_batch_to_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Three batches on two sessions connect twice, and every message lands exactly once."""
-    rcpt = lmtp_server.new_user("k")
-    messages = [make_message(i, tag="kept") for i in range(12)]
-    dovecot.deliver_many(mail_user, messages)
-    monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    rcpt, messages = _three_batches(dovecot, mail_user, lmtp_server, monkeypatch, "kept")
     streams = _count_connects(monkeypatch)
     keys = _lmtp_keys(lmtp_server, rcpt)
     result = _sync(dovecot, mail_user, tmp_path, store, lmtp_sessions=2, **keys)
@@ -295,10 +289,7 @@ def test_an_account_past_the_session_budget_delivers_on_one_session(
 ) -> None:
     """Other accounts hold all of lmtp_max_sessions: this one (lmtp_sessions = 4) still
     delivers everything, exactly once, on its one guaranteed session."""
-    rcpt = lmtp_server.new_user("b")
-    messages = [make_message(i, tag="budget") for i in range(12)]
-    dovecot.deliver_many(mail_user, messages)
-    monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    rcpt, messages = _three_batches(dovecot, mail_user, lmtp_server, monkeypatch, "budget")
     connects = _count_connects(monkeypatch)
     keys = _lmtp_keys(lmtp_server, rcpt)
     budget = SessionBudget(3)
@@ -351,6 +342,22 @@ def test_once_gives_all_accounts_one_budget_from_the_config(
         assert_exactly_once(stored, messages)
 
 
+def _three_batches(
+    dovecot: Dovecot,
+    user: MailUser,
+    lmtp_server: DovecotLmtp,
+    monkeypatch: pytest.MonkeyPatch,
+    tag: str,
+) -> tuple[MailUser, list[bytes]]:
+    """Twelve messages for ``user`` on the POP3 server, fetched in batches of four, and a
+    fresh LMTP recipient for them."""
+    rcpt = lmtp_server.new_user(tag[0])
+    messages = [make_message(i, tag=tag) for i in range(12)]
+    dovecot.deliver_many(user, messages)
+    monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    return rcpt, messages
+
+
 def _count_connects(monkeypatch: pytest.MonkeyPatch) -> list[net.Stream]:
     """Every LMTP connection over a unix socket from now on, in the returned list."""
     streams: list[net.Stream] = []
@@ -373,10 +380,7 @@ def test_deferral_mid_run_stops_the_download_and_keeps_the_rest_pending(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A deferred background batch ends the run 75 within a batch; nothing is lost."""
-    rcpt = lmtp_server.new_user("s")
-    messages = [make_message(i, tag="stall") for i in range(12)]
-    dovecot.deliver_many(mail_user, messages)
-    monkeypatch.setattr(sync_module, "BATCH_MESSAGES", 4)
+    rcpt, messages = _three_batches(dovecot, mail_user, lmtp_server, monkeypatch, "stall")
     keys = {**_lmtp_keys(lmtp_server, rcpt), "delete": "after_delivery"}
     down = {**keys, "lmtp": f"unix:{tmp_path}/no-such-socket"}
     result = _sync(dovecot, mail_user, tmp_path, store, **down)
