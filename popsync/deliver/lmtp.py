@@ -22,8 +22,8 @@ spoke on while idle (a 421 timeout) is replaced. Per connection ``LHLO``, then p
 message ``MAIL FROM:<>`` (or the message's Return-Path) with ``BODY=8BITMIME``/``SMTPUTF8``
 when offered, one ``RCPT TO``, ``DATA``. With PIPELINING the three envelope commands go in
 one write, together with the end of the previous message's body, so a message costs one
-round trip. The body is read from
-the spool file in chunks and dot-stuffed on the fly; it is never held whole in memory.
+round trip. The body is read from the spool file in chunks and dot-stuffed on the fly; it
+is never held whole in memory.
 
 Library choice: stdlib ``smtplib.LMTP`` reads the whole message into memory
 (``sendmail(msg)`` takes bytes) and cannot pipeline; ``aiosmtplib`` is asyncio-only and

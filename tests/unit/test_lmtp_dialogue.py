@@ -143,6 +143,11 @@ def _message(n: int) -> bytes:
     return b"Subject: m%d\r\n\r\n.dot line\r\nbody %d\r\n" % (n, n)
 
 
+def _bodies(start: int) -> list[bytes]:
+    """Four messages, numbered from ``start``: one small batch."""
+    return [_message(start + n) for n in range(4)]
+
+
 def _mixed(command: str, n: int) -> bytes | None:
     """Transaction 2: final 452; 3: RCPT 550; 4: MAIL 451 (so RCPT and DATA get 503)."""
     table = {
@@ -185,7 +190,7 @@ def test_sessions_stay_open_from_batch_to_batch(
         tmp_path / "spool", address=f"unix:{server.path}", recipient="r@x", sessions=2
     )
     for batch in range(3):
-        items = _spool(target, [_message(10 * batch + n) for n in range(4)])
+        items = _spool(target, _bodies(10 * batch))
         assert all(isinstance(o, Delivered) for o in target.hand_over(items))
     assert len(server.connections) == 2
     target.close()
@@ -344,7 +349,3 @@ def test_sessions_that_failed_or_broke_give_their_count_back(
     assert budget.in_use(address) == 0  # the broken session was dropped, not kept
     broken.close()
     assert budget.in_use(address) == 0
-
-
-def _bodies(start: int) -> list[bytes]:
-    return [_message(start + n) for n in range(4)]
